@@ -1,0 +1,104 @@
+"""Haar wavelet modules. The arithmetic lives in `kernels`; these modules only hold the constant
+filters under the released state-dict names so checkpoints load strictly and round-trip.
+
+The filter values are fixed (spec 4.9). `constants()` gives them for checkpoints that lack them
+(EMA dicts), and the loader checks that stored ones equal them.
+"""
+import torch
+from torch import nn
+
+import kernels
+from encoder_service.model.cache import CausalCache
+from kernels.haar_reference import HAAR2D_TAP, HAAR3D_TAP
+
+NAMES_3D = ("h", "g", "hh", "gh", "h_v", "g_v", "hh_v", "gh_v")  # s = 4*tau + 2*eta + omega
+NAMES_2D = ("aa", "ad", "da", "dd")  # LL, height-high, width-high, HH
+_LOW, _HIGH = (1.0, 1.0), (1.0, -1.0)
+
+
+def filters_3d() -> dict[str, torch.Tensor]:
+    out = {}
+    for s, name in enumerate(NAMES_3D):
+        ft, fh, fw = (torch.tensor(_HIGH if (s >> bit) & 1 else _LOW) for bit in (2, 1, 0))
+        out[name] = (torch.einsum("a,b,c->abc", ft, fh, fw) * HAAR3D_TAP).reshape(1, 1, 2, 2, 2)
+    return out
+
+
+def filters_2d() -> dict[str, torch.Tensor]:
+    out = {}
+    for k, name in enumerate(NAMES_2D):
+        fh, fw = (torch.tensor(_HIGH if (k >> bit) & 1 else _LOW) for bit in (0, 1))  # k = eta + 2*omega
+        out[name] = (torch.outer(fh, fw) * HAAR2D_TAP).reshape(1, 1, 2, 2)
+    return out
+
+
+class _Holder(nn.Module):
+    """An empty module, so a constant can live at `<name>_conv.conv.weight` like the official one."""
+
+
+class _HaarModule(nn.Module):
+    def constants(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        """The state-dict entries this module should hold, by full key."""
+        return {prefix + key: value for key, value in self._layout().items()}
+
+    def reset_constants(self) -> None:
+        state = self.state_dict()
+        for key, value in self._layout().items():
+            state[key].copy_(value)
+
+
+class HaarWaveletTransform3D(_HaarModule):
+    """Encoder 3D transform; filters stored as frozen params `<f>_conv.conv.weight`."""
+
+    def __init__(self):
+        super().__init__()
+        for name, value in filters_3d().items():
+            holder = _Holder()
+            holder.conv = _Holder()
+            holder.conv.weight = nn.Parameter(value, requires_grad=False)
+            setattr(self, f"{name}_conv", holder)
+
+    def _layout(self):
+        return {f"{name}_conv.conv.weight": v for name, v in filters_3d().items()}
+
+    def forward(self, x, cache: CausalCache | None = None):
+        first = cache is None or not cache.seen(self)
+        return kernels.haar3d(x, causal_pad=first)
+
+
+class _BufferHaar(_HaarModule):
+    def __init__(self, filters):
+        super().__init__()
+        self._filters = filters
+        for name, value in filters().items():
+            self.register_buffer(name, value)
+
+    def _layout(self):
+        return self._filters()
+
+
+class HaarWaveletTransform2D(_BufferHaar):
+    def __init__(self):
+        super().__init__(filters_2d)
+
+    def forward(self, x, cache=None):
+        return kernels.haar2d(x)
+
+
+class InverseHaarWaveletTransform2D(_BufferHaar):
+    def __init__(self):
+        super().__init__(filters_2d)
+
+    def forward(self, x, cache=None):
+        return kernels.inverse_haar2d(x)
+
+
+class InverseHaarWaveletTransform3D(_BufferHaar):
+    """Decoder 3D inverse: drops output frame 0 (the causal pad) on a clip's first chunk only."""
+
+    def __init__(self):
+        super().__init__(filters_3d)
+
+    def forward(self, x, cache: CausalCache | None = None):
+        first = cache is None or not cache.seen(self)
+        return kernels.inverse_haar3d(x, drop_first=first)

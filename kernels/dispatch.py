@@ -1,0 +1,70 @@
+"""Pick the Triton or the PyTorch implementation of each kernel.
+
+auto: Triton for CUDA tensors when triton imports, the reference otherwise. torch: always the
+reference. triton: always Triton (on CPU this needs TRITON_INTERPRET=1 set before triton is
+imported; tests use it to run the kernels without a GPU).
+"""
+import os
+
+import torch
+
+from kernels import haar_reference, norm_reference
+
+_CHOICES = ("auto", "torch", "triton")
+
+
+def kernel_backend() -> str:
+    choice = os.environ.get("WFVAE_KERNELS", "auto").lower()
+    if choice not in _CHOICES:
+        raise ValueError(f"WFVAE_KERNELS={choice!r} is not one of {', '.join(_CHOICES)}")
+    return choice
+
+
+def _use_triton(x: torch.Tensor) -> bool:
+    choice = kernel_backend()
+    if choice == "torch":
+        return False
+    if choice == "triton":
+        return True
+    return x.is_cuda and _triton_available()
+
+
+def _triton_available() -> bool:
+    try:
+        import kernels.triton_ops  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _impl(name: str, x: torch.Tensor, reference_module):
+    if _use_triton(x):
+        import kernels.triton_ops as triton_ops
+        fn = getattr(triton_ops, name, None)
+        if fn is not None:
+            return fn
+    return getattr(reference_module, name)
+
+
+def haar3d(x, causal_pad=True):
+    return _impl("haar3d", x, haar_reference)(x, causal_pad)
+
+
+def haar2d(x):
+    return _impl("haar2d", x, haar_reference)(x)
+
+
+def inverse_haar3d(x, drop_first=True):
+    return _impl("inverse_haar3d", x, haar_reference)(x, drop_first)
+
+
+def inverse_haar2d(x):
+    return _impl("inverse_haar2d", x, haar_reference)(x)
+
+
+def haar_pyramid(x, causal_pad=True):
+    return _impl("haar_pyramid", x, haar_reference)(x, causal_pad)
+
+
+def channel_layer_norm(x, weight, bias, eps=1e-6, silu=False):
+    return _impl("channel_layer_norm", x, norm_reference)(x, weight, bias, eps, silu)
