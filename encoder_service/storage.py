@@ -1,0 +1,47 @@
+"""Storage access for local paths, s3:// and any fsspec URL, with retries for flaky object stores."""
+import time
+from dataclasses import dataclass, field
+
+import fsspec
+
+
+@dataclass(frozen=True)
+class StorageOptions:
+    """How to reach the object store. `endpoint_url` points s3:// at an S3-compatible server."""
+    endpoint_url: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def for_url(self, url: str) -> dict:
+        if not url.startswith(("s3://", "s3a://")):
+            return dict(self.extra)
+        opts = {"config_kwargs": {"retries": {"max_attempts": 8, "mode": "adaptive"}}, **self.extra}
+        if self.endpoint_url:
+            opts["client_kwargs"] = {**opts.get("client_kwargs", {}), "endpoint_url": self.endpoint_url}
+        return opts
+
+
+def filesystem(url: str, options: StorageOptions | None = None):
+    """(fsspec filesystem, path inside it) for a URL or local path."""
+    return fsspec.core.url_to_fs(url, **(options or StorageOptions()).for_url(url))
+
+
+def join(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/"), *parts])
+
+
+def is_local(fs) -> bool:
+    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+
+
+def retry(fn, *, attempts: int = 5, base_delay: float = 0.5, what: str = "storage call"):
+    """Call fn() until it succeeds, backing off exponentially on OSError (network, throttling)."""
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except FileNotFoundError:
+            raise
+        except OSError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(base_delay * 2 ** attempt)
+    raise AssertionError(what)
