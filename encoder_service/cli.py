@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from encoder_service.ingest.decoders import VideoError, get_decoder
+from encoder_service.ingest.decoders import VideoError, get_decoder, probe
 from encoder_service.ingest.transforms import resize_and_crop, to_model_input
 from encoder_service.model import CheckpointError, WFVAE
 from encoder_service.quality import psnr, ssim
@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_clip(args) -> tuple[np.ndarray, list[int], float]:
     decoder = get_decoder(args.decoder)
-    info = decoder.probe(args.video)
+    info = probe(args.video)
     indices = list(range(args.start, args.start + args.frames * args.stride, args.stride))
     if indices[-1] >= info.num_frames:
         raise VideoError(f"{args.video}: has {info.num_frames} frames, needs {indices[-1] + 1} for "

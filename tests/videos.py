@@ -11,13 +11,58 @@ def pattern(i: int, h: int, w: int) -> np.ndarray:
 
 
 def write_video(path: Path, frames: int = 20, h: int = 64, w: int = 80, fps: int = 24, codec: str = "libx264",
-                container_format: str | None = None) -> Path:
+                container_format: str | None = None, gop: int | None = None) -> Path:
     import av
     with av.open(str(path), "w", format=container_format) as c:
         s = c.add_stream(codec, rate=fps)
         s.height, s.width, s.pix_fmt = h, w, "yuv420p"
         s.options = {"crf": "18"} if codec == "libx264" else {}
+        if gop:
+            s.options = {**s.options, "g": str(gop)}
         for i in range(frames):
             c.mux(s.encode(__import__("av").VideoFrame.from_ndarray(pattern(i, h, w), format="rgb24")))
         c.mux(s.encode())
+    return path
+
+
+def write_vfr_video(path: Path, frames: int = 40, h: int = 64, w: int = 80) -> Path:
+    """H.264 with irregular frame spacing (alternating 20 ms and 60 ms): variable frame rate."""
+    import av
+    from fractions import Fraction
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=25)
+        s.height, s.width, s.pix_fmt = h, w, "yuv420p"
+        s.codec_context.time_base = Fraction(1, 1000)
+        t = 0
+        for i in range(frames):
+            frame = av.VideoFrame.from_ndarray(pattern(i, h, w), format="rgb24")
+            frame.pts, frame.time_base = t, Fraction(1, 1000)
+            t += 20 if i % 2 else 60
+            c.mux(s.encode(frame))
+        c.mux(s.encode())
+    return path
+
+
+def write_audio_only(path: Path) -> Path:
+    import av
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("aac", rate=16000)
+        for i in range(10):
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = 16000, i * 1024
+            c.mux(s.encode(frame))
+        c.mux(s.encode())
+    return path
+
+
+def write_tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> Path:
+    """A WebDataset shard: members `<key>.<ext>` in sample order."""
+    import io
+    import tarfile
+    with tarfile.open(path, "w") as tar:
+        for key, members in samples:
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
     return path
