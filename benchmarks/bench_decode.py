@@ -16,11 +16,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from benchmarks.common import RESULTS, environment, write_json  # noqa: E402
 from encoder_service.ingest.decoders import get_decoder  # noqa: E402
 from encoder_service.ingest.transforms import resize_and_crop  # noqa: E402
-from videos import write_video  # noqa: E402
+from encoder_service.samples import write_video  # noqa: E402
 
 SIZES = {"480p": (480, 854), "720p": (720, 1280), "1080p": (1080, 1920)}
 SEEK_CASE = ("720p-late-clip", (720, 1280), 600)  # a clip near the end of a 25 s video, keyframe every 2 s

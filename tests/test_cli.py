@@ -6,7 +6,7 @@ from safetensors.torch import load_file
 from encoder_service.cli import main
 from encoder_service.ingest.decoders import get_decoder, probe
 from encoder_service.ingest.transforms import resize_and_crop, to_model_input
-from videos import write_video
+from encoder_service.samples import write_video
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import pytest
 from encoder_service.ingest.clips import IngestConfig, ingest_shard
 from encoder_service.ingest.decoders import get_decoder, probe
 from encoder_service.ingest.sampling import SamplingConfig, choose_bucket, parse_bucket, plan_clips
-from videos import pattern, write_audio_only, write_tar, write_vfr_video, write_video
+from encoder_service.samples import pattern, write_audio_only, write_tar, write_vfr_video, write_video
 
 H, W = 64, 80
 

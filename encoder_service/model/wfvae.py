@@ -32,7 +32,7 @@ class WFVAE(nn.Module):
 
         `config` overrides the config.json: a WFVAEConfig, a preset name or a config.json path.
         """
-        weights, cfg = _resolve(Path(path), config)
+        weights, cfg = resolve_checkpoint(Path(path), config)
         with torch.device("meta"):
             model = cls(cfg)
         load_weights(model, read_state_dict(weights, prefer_ema), source=str(weights))
@@ -179,7 +179,7 @@ def check_latent(z: torch.Tensor, latent_dim: int, dtype: torch.dtype) -> torch.
     return z.to(dtype)
 
 
-def _resolve(path: Path, config) -> tuple[Path, WFVAEConfig]:
+def resolve_checkpoint(path: Path, config) -> tuple[Path, WFVAEConfig]:
     """Find the weights file and the config for a from_pretrained() path."""
     if path.is_dir():
         weights = path / WEIGHTS_NAME

@@ -1,4 +1,4 @@
-"""Real encoded test videos, written with PyAV (H.264 unless told otherwise)."""
+"""Sample media for the demo, tests and benchmarks: real encoded videos (PyAV) and WebDataset shards."""
 from pathlib import Path
 
 import numpy as np

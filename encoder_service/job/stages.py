@@ -1,0 +1,117 @@
+"""The two distributed stages and the row format between them.
+
+Rows travel as Arrow tables with fixed schemas: `record` is the clip record's provenance (or an
+error, or a shard-end marker) as JSON, pixels and latents are raw bytes. Fixed schemas keep blocks
+of clips, errors and markers concatenable, and bytes keep uint8 frames uint8 in the object store.
+"""
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+
+from encoder_service.ingest.clips import IngestConfig, error_record, ingest_shard
+from encoder_service.shards.schema import dtype_name, encode_tensor
+
+INGEST_SCHEMA = pa.schema([("kind", pa.string()), ("shard_id", pa.string()), ("key", pa.string()),
+                           ("record", pa.string()), ("frames", pa.large_binary())])
+ENCODED_SCHEMA = pa.schema([("kind", pa.string()), ("shard_id", pa.string()), ("key", pa.string()),
+                            ("record", pa.string()), ("mean", pa.large_binary()), ("logvar", pa.large_binary())])
+ROWS_PER_BLOCK = 8  # clips per yielded ingest block: small blocks keep backpressure fine-grained
+
+
+def _table(rows, schema):
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def ingest_shards(shards: pa.Table, cfg: IngestConfig):
+    """map_batches UDF (CPU tasks): each input row is one shard; yields blocks of clip / error rows
+    and, last, the shard's end marker with its clip count."""
+    for url, shard_id in zip(shards["url"].to_pylist(), shards["shard_id"].to_pylist()):
+        rows, clips, errors = [], 0, 0
+        try:
+            for kind, record in ingest_shard(url, cfg):
+                frames = record.pop("frames", None)
+                if frames is not None:
+                    record["shape"] = list(frames.shape)
+                clips, errors = clips + (kind == "clip"), errors + (kind == "error")
+                rows.append({"kind": kind, "shard_id": shard_id, "key": record["key"],
+                             "record": json.dumps(record), "frames": b"" if frames is None else frames.tobytes()})
+                if len(rows) == ROWS_PER_BLOCK:
+                    yield _table(rows, INGEST_SCHEMA)
+                    rows = []
+        except Exception as exc:  # noqa: BLE001 - a bug or an unforeseen input must not kill the job
+            errors += 1
+            err = error_record(shard_id, url, "ingest", "internal_error", f"{url}: {type(exc).__name__}: {exc}")
+            rows.append({"kind": "error", "shard_id": shard_id, "key": shard_id, "record": json.dumps(err),
+                         "frames": b""})
+        rows.append({"kind": "end", "shard_id": shard_id, "key": shard_id,
+                     "record": json.dumps({"clips": clips, "errors": errors, "url": url}), "frames": b""})
+        yield _table(rows, INGEST_SCHEMA)
+
+
+class EncodeClips:
+    """map_batches UDF for the actor pool: loads the LatentEncoder once, encodes clip rows in
+    same-shape batches, passes error and end rows through. Non-finite latents become errors."""
+
+    def __init__(self, checkpoint, model_config, precision, device, batch_size, chunk_frames, store_logvar,
+                 inject_fault=None):
+        from encoder_service.engine import LatentEncoder
+        self.encoder = LatentEncoder(checkpoint, model_config, precision, device, chunk_frames)
+        self.batch_size, self.store_logvar, self.fault, self.calls = batch_size, store_logvar, inject_fault, 0
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        self._maybe_fail()
+        rows = batch.to_pylist()
+        clips = [r for r in rows if r["kind"] == "clip"]
+        out = [{**_drop_frames(r), "mean": b"", "logvar": b""} for r in rows if r["kind"] != "clip"]
+        by_shape = {}
+        for r in clips:
+            by_shape.setdefault(tuple(json.loads(r["record"])["shape"]), []).append(r)
+        for shape, group in by_shape.items():
+            for i in range(0, len(group), self.batch_size):
+                out += self._encode(group[i:i + self.batch_size], shape)
+        return _table(out, ENCODED_SCHEMA)
+
+    def _encode(self, rows, shape):
+        frames = np.stack([np.frombuffer(r["frames"], np.uint8).reshape(shape) for r in rows])
+        if self.fault and self.fault.startswith("nan:"):
+            frames = frames.astype(np.float32)
+            for i, r in enumerate(rows):
+                if self.fault[4:] in r["key"]:
+                    frames[i] = np.nan
+        try:
+            result = self.encoder.encode(frames)
+        except Exception as exc:  # noqa: BLE001 - e.g. out of memory on one batch: record, go on
+            return [self._error(r, "encode_failed", f"{type(exc).__name__}: {exc}") for r in rows]
+        out = []
+        for i, r in enumerate(rows):
+            if not bool(result.finite[i]):
+                out.append(self._error(r, "non_finite_latent", "the encoder produced NaN/inf latents; the clip "
+                                       "was not written (check the source video and the checkpoint)"))
+                continue
+            record = {**json.loads(r["record"]), "latent_shape": list(result.mean.shape[1:]),
+                      "latent_dtype": dtype_name(result.mean.dtype)}
+            out.append({"kind": "latent", "shard_id": r["shard_id"], "key": r["key"], "record": json.dumps(record),
+                        "mean": encode_tensor(result.mean[i]),
+                        "logvar": encode_tensor(result.logvar[i]) if self.store_logvar else b""})
+        return out
+
+    def _error(self, row, reason, message):
+        rec = json.loads(row["record"])
+        err = error_record(row["key"], rec.get("source_url", ""), "encode", reason, f"{row['key']}: {message}")
+        return {"kind": "error", "shard_id": row["shard_id"], "key": row["key"], "record": json.dumps(err),
+                "mean": b"", "logvar": b""}
+
+    def _maybe_fail(self):
+        """Test-only fault injection: kill this actor process once, after N calls."""
+        self.calls += 1
+        if self.fault and self.fault.startswith("kill-actor-after:"):
+            _, n, marker = self.fault.split(":", 2)
+            if self.calls > int(n) and not os.path.exists(marker):
+                open(marker, "w").close()
+                os._exit(1)
+
+
+def _drop_frames(row):
+    return {k: v for k, v in row.items() if k != "frames"}
