@@ -3,6 +3,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -22,6 +23,8 @@ def wait_http(url: str, timeout: float = 30.0) -> None:
         try:
             urllib.request.urlopen(url, timeout=1)
             return
+        except urllib.error.HTTPError:
+            return  # it answered (e.g. 401 from Ray's token auth): it is up
         except OSError:
             time.sleep(0.2)
     raise RuntimeError(f"{url} did not come up within {timeout}s")

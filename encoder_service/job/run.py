@@ -67,15 +67,17 @@ def build_dataset(cfg: JobConfig, todo: list[tuple[str, str]], storage: StorageO
     from ray.data import ActorPoolStrategy
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True
+    # an encoder batch travels as one block: keep Ray from splitting it (a 512x512 33-frame clip is 26 MB)
+    ctx.target_max_block_size = max(ctx.target_max_block_size or 0, cfg.batch_size * 64 << 20)
     ingest = IngestConfig(cfg.sampling(), cfg.decoder, storage)
     ds = ray.data.from_items([{"url": u, "shard_id": s} for u, s in todo], override_num_blocks=max(1, len(todo)))
-    ds = ds.map_batches(ingest_shards, fn_kwargs={"cfg": ingest}, batch_size=1, batch_format="pyarrow",
-                        num_cpus=cfg.ingest_cpus)
+    ds = ds.map_batches(ingest_shards, fn_kwargs={"cfg": ingest, "batch_size": cfg.batch_size}, batch_size=1,
+                        batch_format="pyarrow", num_cpus=cfg.ingest_cpus)
     device = "cuda" if cfg.num_gpus > 0 else "cpu"
     # Ray Data restarts dead pool actors and retries their batches without limit by default
     # (max_restarts=-1, max_task_retries=-1); the driver keys rows by clip, so a retry cannot duplicate.
     return ds.map_batches(
-        EncodeClips, batch_size=cfg.batch_size * 2, batch_format="pyarrow",
+        EncodeClips, batch_size=None, batch_format="pyarrow",  # one ingest block = one encoder batch
         fn_constructor_args=(cfg.checkpoint, cfg.model_config, cfg.precision, device, cfg.batch_size,
                              cfg.chunk_frames, cfg.store_logvar, cfg.inject_fault),
         compute=ActorPoolStrategy(size=cfg.actors()), num_gpus=1 if cfg.num_gpus > 0 else 0,

@@ -17,42 +17,53 @@ INGEST_SCHEMA = pa.schema([("kind", pa.string()), ("shard_id", pa.string()), ("k
                            ("record", pa.string()), ("frames", pa.large_binary())])
 ENCODED_SCHEMA = pa.schema([("kind", pa.string()), ("shard_id", pa.string()), ("key", pa.string()),
                             ("record", pa.string()), ("mean", pa.large_binary()), ("logvar", pa.large_binary())])
-ROWS_PER_BLOCK = 8  # clips per yielded ingest block: small blocks keep backpressure fine-grained
 
 
 def _table(rows, schema):
     return pa.Table.from_pylist(rows, schema=schema)
 
 
-def ingest_shards(shards: pa.Table, cfg: IngestConfig):
-    """map_batches UDF (CPU tasks): each input row is one shard; yields blocks of clip / error rows
-    and, last, the shard's end marker with its clip count."""
+def ingest_shards(shards: pa.Table, cfg: IngestConfig, batch_size: int):
+    """map_batches UDF (CPU tasks): each input row is one shard.
+
+    Yields one block per encoder batch: `batch_size` clips of one shard and one shape, in shard
+    order. The encoder takes each block as it is, so which clips share a batch depends only on the
+    shard, and a shard encoded again (alone or beside others) gives the same bytes. Error rows and
+    the shard's end marker (its clip count) come last.
+    """
     for url, shard_id in zip(shards["url"].to_pylist(), shards["shard_id"].to_pylist()):
-        rows, clips, errors = [], 0, 0
+        by_shape, errors, clips = {}, [], 0
         try:
             for kind, record in ingest_shard(url, cfg):
-                frames = record.pop("frames", None)
-                if frames is not None:
-                    record["shape"] = list(frames.shape)
-                clips, errors = clips + (kind == "clip"), errors + (kind == "error")
-                rows.append({"kind": kind, "shard_id": shard_id, "key": record["key"],
-                             "record": json.dumps(record), "frames": b"" if frames is None else frames.tobytes()})
-                if len(rows) == ROWS_PER_BLOCK:
-                    yield _table(rows, INGEST_SCHEMA)
-                    rows = []
+                if kind == "error":
+                    errors.append(_row("error", shard_id, record))
+                    continue
+                frames = record.pop("frames")
+                record["shape"] = list(frames.shape)
+                clips += 1
+                group = by_shape.setdefault(frames.shape, [])
+                group.append(_row("clip", shard_id, record, frames.tobytes()))
+                if len(group) == batch_size:
+                    yield _table(group, INGEST_SCHEMA)
+                    group.clear()
         except Exception as exc:  # noqa: BLE001 - a bug or an unforeseen input must not kill the job
-            errors += 1
-            err = error_record(shard_id, url, "ingest", "internal_error", f"{url}: {type(exc).__name__}: {exc}")
-            rows.append({"kind": "error", "shard_id": shard_id, "key": shard_id, "record": json.dumps(err),
-                         "frames": b""})
-        rows.append({"kind": "end", "shard_id": shard_id, "key": shard_id,
-                     "record": json.dumps({"clips": clips, "errors": errors, "url": url}), "frames": b""})
-        yield _table(rows, INGEST_SCHEMA)
+            errors.append(_row("error", shard_id, error_record(shard_id, url, "ingest", "internal_error",
+                                                               f"{url}: {type(exc).__name__}: {exc}")))
+        for group in by_shape.values():
+            if group:
+                yield _table(group, INGEST_SCHEMA)
+        end = {"key": shard_id, "clips": clips, "errors": len(errors), "url": url}
+        yield _table(errors + [_row("end", shard_id, end)], INGEST_SCHEMA)
+
+
+def _row(kind, shard_id, record, frames=b""):
+    return {"kind": kind, "shard_id": shard_id, "key": record["key"], "record": json.dumps(record), "frames": frames}
 
 
 class EncodeClips:
-    """map_batches UDF for the actor pool: loads the LatentEncoder once, encodes clip rows in
-    same-shape batches, passes error and end rows through. Non-finite latents become errors."""
+    """map_batches UDF for the actor pool: loads the LatentEncoder once, encodes each block's clips
+    (one batch, see ingest_shards), passes error and end rows through. Non-finite latents become
+    errors."""
 
     def __init__(self, checkpoint, model_config, precision, device, batch_size, chunk_frames, store_logvar,
                  inject_fault=None):
