@@ -43,6 +43,8 @@ class Progress:
     clips: int = 0
     latents: int = 0
     errors: Counter = field(default_factory=Counter)
+    encode_seconds: float = 0.0       # summed over actors: time spent inside the encoder
+    first_latent: float | None = None
     last_print: float = 0.0
 
     def line(self) -> str:
@@ -102,6 +104,9 @@ def consume(ds, writer: ShardWriter, run_meta: dict, progress: Progress, every_s
         for row in batch.to_pylist():
             shard = pending[row["shard_id"]]
             if row["kind"] == "latent":
+                if row["key"] not in shard.latents:
+                    progress.encode_seconds += json.loads(row["record"])["encode_s"]
+                    progress.first_latent = progress.first_latent or time.time()
                 shard.latents[row["key"]] = latent_row(row, run_meta)
             elif row["kind"] == "error":
                 rec = json.loads(row["record"])
@@ -164,7 +169,17 @@ def _summary(cfg, urls, todo, skipped, failed, progress, run_meta) -> dict:
             "latents": progress.latents, "errors": sum(progress.errors.values()),
             "errors_by_reason": dict(progress.errors), "seconds": round(elapsed, 2),
             "clips_per_s": round(progress.latents / elapsed, 3) if elapsed else 0.0,
+            "encoder_busy_fraction": _busy_fraction(progress, cfg.actors()),
             "run": run_meta, "config": to_json(cfg)}
+
+
+def _busy_fraction(progress: Progress, actors: int) -> float | None:
+    """Encoder time / (actors x wall time since the first latent arrived): 1.0 = never waiting
+    for input. Start-up (Ray, model loading, the first decode) is left out."""
+    if progress.first_latent is None:
+        return None
+    wall = max(1e-9, time.time() - progress.first_latent)
+    return round(min(1.0, progress.encode_seconds / (actors * wall)), 3)
 
 
 def _write_summary(fs, out, summary) -> None:

@@ -6,6 +6,7 @@ of clips, errors and markers concatenable, and bytes keep uint8 frames uint8 in 
 """
 import json
 import os
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -91,10 +92,12 @@ class EncodeClips:
             for i, r in enumerate(rows):
                 if self.fault[4:] in r["key"]:
                     frames[i] = np.nan
+        start = time.perf_counter()
         try:
             result = self.encoder.encode(frames)
         except Exception as exc:  # noqa: BLE001 - e.g. out of memory on one batch: record, go on
             return [self._error(r, "encode_failed", f"{type(exc).__name__}: {exc}") for r in rows]
+        share = (time.perf_counter() - start) / len(rows)  # encoder-busy seconds, for the busy fraction
         out = []
         for i, r in enumerate(rows):
             if not bool(result.finite[i]):
@@ -102,7 +105,7 @@ class EncodeClips:
                                        "was not written (check the source video and the checkpoint)"))
                 continue
             record = {**json.loads(r["record"]), "latent_shape": list(result.mean.shape[1:]),
-                      "latent_dtype": dtype_name(result.mean.dtype)}
+                      "latent_dtype": dtype_name(result.mean.dtype), "encode_s": share}
             out.append({"kind": "latent", "shard_id": r["shard_id"], "key": r["key"], "record": json.dumps(record),
                         "mean": encode_tensor(result.mean[i]),
                         "logvar": encode_tensor(result.logvar[i]) if self.store_logvar else b""})
