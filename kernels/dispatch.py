@@ -26,7 +26,7 @@ def _use_triton(x: torch.Tensor) -> bool:
         return False
     if choice == "triton":
         return True
-    return x.is_cuda and _triton_available()
+    return x.is_cuda and _triton_available()  # auto: a missing kernel module means the reference
 
 
 def _triton_available() -> bool:
@@ -39,10 +39,12 @@ def _triton_available() -> bool:
 
 def _impl(name: str, x: torch.Tensor, reference_module):
     if _use_triton(x):
-        import kernels.triton_ops as triton_ops
-        fn = getattr(triton_ops, name, None)
-        if fn is not None:
-            return fn
+        try:
+            import kernels.triton_ops as triton_ops
+            return getattr(triton_ops, name)
+        except (ImportError, AttributeError) as exc:
+            raise RuntimeError(f"WFVAE_KERNELS=triton, but there is no Triton kernel for {name} ({exc}); "
+                               "use WFVAE_KERNELS=torch or auto") from exc
     return getattr(reference_module, name)
 
 

@@ -73,3 +73,14 @@ def test_cuda_matches_cpu(vae):
     x = torch.rand(1, 3, 9, 16, 16) * 2 - 1
     gpu = random_vae(small_config()).cuda()
     assert max_abs(gpu.encode(x.cuda()).mean.cpu(), vae.encode(x).mean) <= 1e-4
+
+
+def test_kernel_backend_choice(monkeypatch, vae):
+    x = torch.rand(1, 3, 5, 16, 16) * 2 - 1
+    monkeypatch.setenv("WFVAE_KERNELS", "torch")
+    reference = vae.encode(x).mean
+    monkeypatch.setenv("WFVAE_KERNELS", "auto")  # CPU tensors: the reference path
+    assert torch.equal(vae.encode(x).mean, reference)
+    monkeypatch.setenv("WFVAE_KERNELS", "bogus")
+    with pytest.raises(ValueError, match="WFVAE_KERNELS"):
+        vae.encode(x)
