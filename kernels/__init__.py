@@ -4,7 +4,7 @@
 the functions exported here.
 """
 from kernels.dispatch import (channel_layer_norm, haar2d, haar3d, haar_pyramid, inverse_haar2d,
-                              inverse_haar3d, kernel_backend)
+                              inverse_haar3d, kernel_backend, kernel_report)
 
 __all__ = ["channel_layer_norm", "haar2d", "haar3d", "haar_pyramid", "inverse_haar2d", "inverse_haar3d",
-           "kernel_backend"]
+           "kernel_backend", "kernel_report"]

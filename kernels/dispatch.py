@@ -1,8 +1,10 @@
 """Pick the Triton or the PyTorch implementation of each kernel.
 
 auto: Triton for CUDA tensors when triton imports, the reference otherwise. torch: always the
-reference. triton: always Triton (on CPU this needs TRITON_INTERPRET=1 set before triton is
-imported; tests use it to run the kernels without a GPU).
+reference. triton: Triton whatever the device (on CPU this needs TRITON_INTERPRET=1 set before
+triton is imported; tests use it to run the kernels without a GPU), an error if triton cannot be
+imported. Ops without a Triton kernel yet use their reference in every mode; kernel_report() says
+which implementation each op gets.
 """
 import os
 
@@ -41,11 +43,25 @@ def _impl(name: str, x: torch.Tensor, reference_module):
     if _use_triton(x):
         try:
             import kernels.triton_ops as triton_ops
-            return getattr(triton_ops, name)
-        except (ImportError, AttributeError) as exc:
-            raise RuntimeError(f"WFVAE_KERNELS=triton, but there is no Triton kernel for {name} ({exc}); "
+        except ImportError as exc:
+            raise RuntimeError(f"WFVAE_KERNELS=triton, but triton cannot be imported ({exc}); "
                                "use WFVAE_KERNELS=torch or auto") from exc
+        if name in triton_ops.__all__:
+            return getattr(triton_ops, name)
     return getattr(reference_module, name)
+
+
+def kernel_report(device: str = "cuda") -> dict[str, str]:
+    """Which implementation each op gets for tensors on `device` under the current WFVAE_KERNELS."""
+    triton_ops = ()
+    if kernel_backend() == "triton" or (kernel_backend() == "auto" and device.startswith("cuda")
+                                         and _triton_available()):
+        import kernels.triton_ops as module
+        triton_ops = module.__all__
+    return {name: "triton" if name in triton_ops else "torch" for name in _OPS}
+
+
+_OPS = ("haar3d", "haar2d", "inverse_haar3d", "inverse_haar2d", "haar_pyramid", "channel_layer_norm")
 
 
 def haar3d(x, causal_pad=True):
