@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import RESULTS, environment, peak_memory, write_json  # noqa: E402
+from benchmarks.common import RESULTS, axes, environment, save_plot, peak_memory, write_json  # noqa: E402
 from encoder_service import WFVAE, WFVAEConfig  # noqa: E402
 
 SMALL = WFVAEConfig(latent_dim=8, base_channels=16, encoder_energy_flow_hidden_size=16,
@@ -50,21 +50,14 @@ def stream_decode(vae, z, chunk_latents):
 
 
 def plot(rows, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = axes(6, 4)
     for op in ("encode", "decode"):
         for mode, style in (("chunked", "-o"), ("whole", "--x")):
             pts = [(r["T"], r["peak_bytes"] / 2 ** 20) for r in rows if r["op"] == op and r["mode"] == mode]
             if pts:
                 ax.plot(*zip(*pts), style, label=f"{op} ({mode})")
     ax.set_xlabel("clip length T (frames)")
-    ax.set_ylabel("peak activation memory (MiB)")
-    ax.set_title("WF-VAE causal-cache memory vs clip length")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_plot(fig, ax, path, "WF-VAE causal-cache memory vs clip length", "peak activation memory (MiB)")
 
 
 def main():

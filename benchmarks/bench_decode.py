@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import RESULTS, environment, write_json  # noqa: E402
+from benchmarks.common import RESULTS, axes, environment, save_plot, write_json  # noqa: E402
 from encoder_service.ingest.decoders import get_decoder  # noqa: E402
 from encoder_service.ingest.transforms import resize_and_crop  # noqa: E402
 from encoder_service.samples import write_video  # noqa: E402
@@ -37,21 +37,14 @@ def measure(decoder, path, indices, resize, repeats):
 
 
 def plot(rows, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = axes(7, 4)
     labels = [f"{r['resolution']}{' +resize' if r['resize'] else ''}".replace("-late-clip", "\nlate clip")
               for r in rows if r["decoder"] == "decord"]
     for i, name in enumerate(("decord", "pyav")):
         values = [r["frames_per_s_per_core"] for r in rows if r["decoder"] == name]
         ax.bar([x + i * 0.4 for x in range(len(values))], values, width=0.4, label=name)
     ax.set_xticks([x + 0.2 for x in range(len(labels))], labels)
-    ax.set_ylabel("frames/s per core")
-    ax.set_title("H.264 decode of a 33-frame clip (1 core)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_plot(fig, ax, path, "H.264 decode of a 33-frame clip (1 core)", "frames/s per core")
 
 
 def main():

@@ -31,6 +31,22 @@ def write_json(name: str, payload: dict) -> Path:
     return path
 
 
+def axes(width: float = 6, height: float = 4):
+    """A (figure, axes) pair on the file-only Agg backend."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt.subplots(figsize=(width, height))
+
+
+def save_plot(fig, ax, path: Path, title: str, ylabel: str) -> None:
+    ax.set_title(title)
+    ax.set_ylabel(ylabel)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def median_time(fn, device: str, warmup: int = 1, repeats: int = 3) -> float:
     """Median seconds of fn() after warm-up; CUDA events on GPU, a synchronised clock otherwise."""
     for _ in range(warmup):

@@ -44,9 +44,9 @@ class LatentEncoder:
     def encode(self, frames: np.ndarray | torch.Tensor) -> Encoded:
         """uint8 (B, T, H, W, 3) -> posterior mean and logvar (B, z, t, h, w)."""
         x = torch.as_tensor(frames)
-        if self.device.type == "cuda":
-            x = x.pin_memory().to(self.device, non_blocking=True)
-        x = x.to(self.device).permute(0, 4, 1, 2, 3).to(self.compute_dtype).div_(127.5).sub_(1.0)
+        if self.device.type == "cuda":  # pinned pages let the copy run asynchronously
+            x = x.pin_memory()
+        x = x.to(self.device, non_blocking=True).permute(0, 4, 1, 2, 3).to(self.compute_dtype).div_(127.5).sub_(1.0)
         chunk = self.chunk_frames if self.chunk_frames and x.shape[2] > self.chunk_frames + 1 else None
         posterior = self.vae.encode(x, chunk_frames=chunk)
         finite = torch.isfinite(posterior.mean).flatten(1).all(1) & torch.isfinite(posterior.logvar).flatten(1).all(1)

@@ -1,4 +1,5 @@
 """Storage access for local paths, s3:// and any fsspec URL, with retries for flaky object stores."""
+import hashlib
 import time
 from dataclasses import dataclass, field
 
@@ -27,6 +28,21 @@ def filesystem(url: str, options: StorageOptions | None = None):
 
 def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *parts])
+
+
+def glob_urls(url: str, options: StorageOptions | None = None) -> list[str]:
+    """Sorted URLs matching a glob pattern, with the protocol (s3:// ...) that fsspec strips put back."""
+    fs, path = filesystem(url, options)
+    protocol = url.split("://")[0] + "://" if "://" in url else ""
+    return [protocol + m if protocol and not m.startswith(protocol) else m for m in sorted(fs.glob(path))]
+
+
+def sha256_of(fs, path: str, block: int = 1 << 23) -> str:
+    digest = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        while chunk := f.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def is_local(fs) -> bool:

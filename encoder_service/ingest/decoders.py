@@ -65,7 +65,7 @@ class PyAVDecoder:
 
     def frames(self, path, indices):
         import av
-        wanted, out = set(indices), {}
+        wanted, last, out = set(indices), max(indices), {}
         try:
             with av.open(str(path)) as container:
                 stream = container.streams.video[0]
@@ -73,7 +73,7 @@ class PyAVDecoder:
                 for i, frame in enumerate(container.decode(stream)):
                     if i in wanted:
                         out[i] = frame.to_ndarray(format="rgb24")
-                    if i >= max(indices):
+                    if i >= last:
                         break
         except av.FFmpegError as exc:
             raise VideoError(f"{path}: decoding failed after {len(out)} frames ({exc})", "decode_failed") from exc

@@ -3,7 +3,7 @@ from braceexpand import braceexpand
 
 from encoder_service.ingest.tar_stream import shard_id_of
 from encoder_service.shards import ShardStatus, shard_status
-from encoder_service.storage import StorageOptions, filesystem
+from encoder_service.storage import StorageOptions, filesystem, glob_urls
 
 
 def expand_inputs(patterns: list[str], storage: StorageOptions | None = None) -> list[str]:
@@ -11,12 +11,7 @@ def expand_inputs(patterns: list[str], storage: StorageOptions | None = None) ->
     urls = []
     for pattern in patterns:
         for url in braceexpand(pattern):
-            if any(c in url for c in "*?["):
-                fs, path = filesystem(url, storage)
-                prefix = url.split("://")[0] + "://" if "://" in url else ""
-                urls += [prefix + m if prefix and not m.startswith(prefix) else m for m in sorted(fs.glob(path))]
-            else:
-                urls.append(url)
+            urls += glob_urls(url, storage) if any(c in url for c in "*?[") else [url]
     return list(dict.fromkeys(urls))
 
 

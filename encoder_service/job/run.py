@@ -17,7 +17,6 @@ from encoder_service.ingest.clips import IngestConfig
 from encoder_service.job.config import PIPELINE_VERSION, JobConfig, to_json
 from encoder_service.job.plan import expand_inputs, plan_shards
 from encoder_service.job.stages import EncodeClips, ingest_shards
-from encoder_service.model import WFVAEConfig
 from encoder_service.model.checkpoint import sha256_file
 from encoder_service.model.wfvae import resolve_checkpoint
 from encoder_service.shards import ShardWriter
@@ -56,13 +55,13 @@ class Progress:
                 f"{sum(self.errors.values())} errors, {rate:.2f} clips/s, ETA {eta if left else '0s'}")
 
 
-def model_identity(cfg: JobConfig) -> tuple[WFVAEConfig, dict]:
-    """The model config and the run-level metadata stored with every latent."""
+def model_identity(cfg: JobConfig) -> dict:
+    """The run-level metadata stored with every latent: which VAE, which weights, which options."""
     weights, model_cfg = resolve_checkpoint(Path(cfg.checkpoint), cfg.model_config)
     meta = {"vae_name": model_cfg.name if model_cfg.name != "custom" else Path(cfg.checkpoint).name,
             "vae_sha256": sha256_file(weights), "precision": cfg.precision, "pipeline_version": PIPELINE_VERSION,
             "config_hash": cfg.fingerprint(), "scale": json.dumps(model_cfg.scale), "shift": json.dumps(model_cfg.shift)}
-    return model_cfg, meta
+    return meta
 
 
 def build_dataset(cfg: JobConfig, todo: list[tuple[str, str]], storage: StorageOptions):
@@ -131,7 +130,7 @@ def consume(ds, writer: ShardWriter, run_meta: dict, progress: Progress, every_s
 def run_job(cfg: JobConfig) -> dict:
     storage = StorageOptions(endpoint_url=cfg.s3_endpoint_url)
     _check(cfg)
-    model_cfg, run_meta = model_identity(cfg)
+    run_meta = model_identity(cfg)
     urls = expand_inputs(cfg.input, storage)
     todo, skipped = plan_shards(urls, cfg.output, storage, cfg.overwrite, cfg.verify_existing)
     if cfg.max_shards is not None:

@@ -1,12 +1,11 @@
 """Per-shard manifest, written last: a shard is complete only if its manifest matches its files."""
-import hashlib
 import json
 from dataclasses import dataclass
 from enum import Enum
 
 import pyarrow.parquet as pq
 
-from encoder_service.storage import join, retry
+from encoder_service.storage import join, retry, sha256_of
 
 
 def part_name(shard_id: str) -> str:
@@ -31,14 +30,6 @@ class ShardStatus(str, Enum):
 class Verdict:
     status: ShardStatus
     reason: str = ""
-
-
-def sha256_of(fs, path: str, block: int = 1 << 23) -> str:
-    digest = hashlib.sha256()
-    with fs.open(path, "rb") as f:
-        while chunk := f.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_manifest(fs, directory: str, shard_id: str) -> dict | None:

@@ -14,8 +14,8 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from encoder_service.shards.manifest import check_against_manifest, read_manifest
-from encoder_service.shards.schema import DTYPES, decode_tensor, read_run_metadata
-from encoder_service.storage import StorageOptions, filesystem
+from encoder_service.shards.schema import decode_tensor, read_run_metadata
+from encoder_service.storage import StorageOptions, filesystem, glob_urls
 
 _PROVENANCE = ("source_url", "source_key", "clip_index", "frame_indices", "src_fps", "clip_fps", "src_hw",
                "crop_box", "bucket", "vae_name", "vae_sha256", "precision")
@@ -30,11 +30,9 @@ def expand_shards(urls: str | list[str], options: StorageOptions | None = None) 
     out = []
     for url in [urls] if isinstance(urls, str) else urls:
         fs, path = filesystem(url, options)
-        protocol = url.split("://")[0] + "://" if "://" in url else ""
         if fs.isdir(path):
-            path = posixpath.join(path, "part-*.parquet")
-        matches = fs.glob(path) if any(c in path for c in "*?[") else [path]
-        out += [protocol + m if protocol and not m.startswith(protocol) else m for m in matches]
+            url = posixpath.join(url.rstrip("/"), "part-*.parquet")
+        out += glob_urls(url, options) if any(c in url for c in "*?[") else [url]
     return sorted(set(out))
 
 
@@ -142,4 +140,4 @@ def collate(items: list[dict]) -> dict:
     return out
 
 
-__all__ = ["DTYPES", "LatentShardDataset", "ShardError", "collate", "expand_shards"]
+__all__ = ["LatentShardDataset", "ShardError", "collate", "expand_shards"]

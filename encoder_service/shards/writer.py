@@ -5,7 +5,6 @@ checked), then moved into place (rename on local disk; a single upload on object
 object appears only complete); the manifest with row counts, sizes and sha256 is written last.
 A reader or a later run treats a shard without a matching manifest as partial and redoes it.
 """
-import hashlib
 import json
 import os
 import tempfile
@@ -17,8 +16,11 @@ import pyarrow.parquet as pq
 
 from encoder_service.shards.manifest import errors_name, manifest_name, part_name
 from encoder_service.shards.schema import ERROR_SCHEMA, LATENT_SCHEMA, SCHEMA_VERSION, run_metadata
-from encoder_service.storage import is_local, join, retry
+import fsspec
 
+from encoder_service.storage import is_local, join, retry, sha256_of
+
+LOCAL = fsspec.filesystem("file")
 ROW_GROUP_BYTES = 64 << 20  # ~64 MiB row groups: large sequential reads, several per shard for workers
 
 
@@ -55,7 +57,7 @@ class ShardWriter:
                            use_dictionary=["source_url", "bucket", "vae_name", "vae_sha256", "latent_dtype",
                                            "precision", "pipeline_version", "stage", "reason"],
                            write_statistics=["key"])
-            entry = {"bytes": os.path.getsize(local), "sha256": _sha256(local)}
+            entry = {"bytes": os.path.getsize(local), "sha256": sha256_of(LOCAL, local)}
             self._move_in(local, name)
         finally:
             if os.path.exists(local):
@@ -79,14 +81,6 @@ class ShardWriter:
             os.replace(staging, final)
         else:  # object stores publish an object only once its upload completes
             retry(lambda: self.fs.put_file(local, final), what=f"upload {final}")
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 23):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def write_shard(fs, directory: str, shard_id: str, rows: list[dict], errors: list[dict],
