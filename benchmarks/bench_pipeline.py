@@ -47,7 +47,7 @@ def main():
         cfg, _ = load_config(["--input", pattern, "--output", str(Path(d) / "out"), "--checkpoint", args.checkpoint,
                               "--num-frames", str(args.num_frames), "--size", args.size, "--clips-per-video", "all",
                               "--num-gpus", str(args.num_gpus), "--precision", args.precision,
-                              "--batch-size", str(args.batch_size)])
+                              "--batch-size", str(args.batch_size), "--metrics-linger-s", "0"])
         summary = run_job(cfg)
     device = "gpu" if args.num_gpus else "cpu"
     keys = ("shards_done", "clips", "latents", "errors", "seconds", "clips_per_s", "encoder_busy_fraction")

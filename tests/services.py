@@ -1,4 +1,9 @@
-"""Real local services for tests: an S3-protocol server (moto in server mode) on 127.0.0.1."""
+"""Real local services for tests on 127.0.0.1: an S3-protocol server (moto in server mode), a Ray
+head started with `ray start`, Debian's Prometheus."""
+import contextlib
+import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -53,3 +58,63 @@ def make_bucket(options: StorageOptions, name: str) -> str:
     if not fs.exists(name):
         fs.mkdir(name)
     return f"s3://{name}"
+
+
+RAY = os.path.join(os.path.dirname(sys.executable), "ray")
+# a throw-away cluster on 127.0.0.1: Ray 2.60's token authentication is switched off for it;
+# the head runs job entrypoints with the `python` on its PATH: this environment's, as in a real image
+CLUSTER_ENV = {"RAY_ADDRESS": "", "RAY_AUTH_MODE": "disabled",
+               "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
+
+
+@contextlib.contextmanager
+def ray_head(*extra_args, env=None):
+    """`ray start --head --block` in its own process group, so stopping it touches no other Ray.
+    Yields (gcs address, dashboard URL)."""
+    gcs, dash = free_port(), free_port()
+    env = {**os.environ, **CLUSTER_ENV, **(env or {})}
+    head = subprocess.Popen([RAY, "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}",
+                             "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1", *extra_args],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_http(f"http://127.0.0.1:{dash}/api/version", timeout=90)
+        yield f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}"
+    finally:
+        stop(head)
+        stale = "/tmp/ray/ray_current_cluster"  # would make a later plain ray.init() join the dead head
+        if os.path.exists(stale):
+            os.unlink(stale)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+def require_prometheus() -> str:
+    """Debian's prometheus binary: `make test` installs it (package `prometheus`)."""
+    path = shutil.which("prometheus")
+    if path is None:
+        pytest.fail("prometheus is not installed: run `make test` (installs Debian's prometheus) "
+                    "or `apt-get install prometheus`")
+    return path
+
+
+@contextlib.contextmanager
+def prometheus(config_file: str, data_dir: str):
+    """Prometheus on a free port; yields its base URL once it is ready."""
+    port = free_port()
+    proc = subprocess.Popen([require_prometheus(), f"--config.file={config_file}", f"--storage.tsdb.path={data_dir}",
+                             f"--web.listen-address=127.0.0.1:{port}"],
+                            stdout=subprocess.DEVNULL, stderr=open(os.path.join(data_dir, "prometheus.log"), "w"),
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(url + "/-/ready", timeout=60)
+        yield url
+    finally:
+        stop(proc)

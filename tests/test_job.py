@@ -48,7 +48,7 @@ def shards(tmp_path_factory):
 def job(inp, out, *extra):
     cfg, _ = load_config(["--input", str(inp), "--output", str(out), "--checkpoint", CKPT, "--num-frames", "9",
                           "--size", "32x32", "--clips-per-video", "all", "--num-gpus", "0", "--precision", "fp32",
-                          "--batch-size", "2", "--progress-every-s", "1000", *extra])
+                          "--batch-size", "2", "--progress-every-s", "1000", "--metrics-linger-s", "0", *extra])
     return run_job(cfg)
 
 

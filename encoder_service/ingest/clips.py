@@ -5,6 +5,7 @@ counts add up: samples = samples with clips + samples with errors.
 """
 import json
 import os
+import time
 from dataclasses import dataclass
 
 from encoder_service.ingest.decoders import VideoError, get_decoder, probe
@@ -62,6 +63,7 @@ def sample_clips(sample: Sample, shard_id: str, url: str, cfg: SamplingConfig, d
         return
     metadata = json.dumps({**sample.metadata, **({"problems": sample.problems} if sample.problems else {})})
     for i, indices in enumerate(plans):
+        start = time.perf_counter()
         try:
             frames = decoder.frames(sample.video_path, indices)
         except VideoError as exc:
@@ -69,7 +71,9 @@ def sample_clips(sample: Sample, shard_id: str, url: str, cfg: SamplingConfig, d
                                         str(exc).replace(sample.video_path, where))
             continue
         frames, box = resize_and_crop(frames, bucket[1:])
+        decode_s = time.perf_counter() - start
         yield "clip", {"key": f"{key}/{i}", "frames": frames, "source_url": url, "source_key": sample.key,
                        "clip_index": i, "frame_indices": [int(v) for v in indices], "src_fps": info.fps,
                        "clip_fps": cfg.fps or info.fps / cfg.stride, "src_hw": [info.height, info.width],
-                       "crop_box": list(box), "bucket": "x".join(map(str, bucket)), "metadata": metadata}
+                       "crop_box": list(box), "bucket": "x".join(map(str, bucket)), "metadata": metadata,
+                       "decode_s": decode_s}

@@ -43,6 +43,7 @@ class JobConfig:
     verify_existing: str = "size"
     ray_address: str | None = None
     progress_every_s: float = 10.0
+    metrics_linger_s: float = 12.0
     inject_fault: str | None = None  # test only: "kill-actor-after:N:MARKER_FILE" or "nan:KEY_SUBSTRING"
 
     def sampling(self) -> SamplingConfig:
@@ -82,7 +83,9 @@ HELP = {
     "max_shards": "process at most this many (pending) shards", "dry_run": "encode N clips, report rates and a plan",
     "store_logvar": "store the posterior log-variance too", "verify_existing": "size | checksum: how to check finished shards",
     "ray_address": "Ray cluster address (default: RAY_ADDRESS or a local cluster)",
-    "progress_every_s": "seconds between progress lines", "inject_fault": argparse.SUPPRESS,
+    "progress_every_s": "seconds between progress lines",
+    "metrics_linger_s": "seconds the driver waits at the end so Ray exports the last metric values "
+                        "(Ray pushes metrics every 10 s by default)", "inject_fault": argparse.SUPPRESS,
 }
 
 

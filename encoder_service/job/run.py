@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import ray
 
+from encoder_service import metrics
 from encoder_service.ingest.clips import IngestConfig
 from encoder_service.job.config import PIPELINE_VERSION, JobConfig, to_json
 from encoder_service.job.plan import expand_inputs, plan_shards
@@ -46,11 +47,21 @@ class Progress:
     first_latent: float | None = None
     last_print: float = 0.0
 
+    def eta_s(self) -> float | None:
+        if not self.shards_done:
+            return None
+        return (time.time() - self.started) / self.shards_done * (self.total_shards - self.shards_done)
+
+    def report(self) -> None:
+        metrics.set_gauge("wfvae_job_progress_ratio", self.shards_done / self.total_shards if self.total_shards else 1.0)
+        if self.eta_s() is not None:
+            metrics.set_gauge("wfvae_job_eta_seconds", self.eta_s())
+
     def line(self) -> str:
         elapsed = time.time() - self.started
         rate = self.latents / elapsed if elapsed else 0.0
         left = self.total_shards - self.shards_done
-        eta = f"{elapsed / self.shards_done * left:.0f}s" if self.shards_done else "unknown"
+        eta = f"{self.eta_s():.0f}s" if self.shards_done else "unknown"
         return (f"[encode] {self.shards_done}/{self.total_shards} shards, {self.latents} latents, "
                 f"{sum(self.errors.values())} errors, {rate:.2f} clips/s, ETA {eta if left else '0s'}")
 
@@ -112,14 +123,12 @@ def consume(ds, writer: ShardWriter, run_meta: dict, progress: Progress, every_s
                 if row["key"] not in shard.errors:
                     shard.encode_errors += rec["stage"] == "encode"
                     progress.errors[f"{rec['stage']}/{rec['reason']}"] += 1
+                    metrics.inc("wfvae_errors", stage=rec["stage"], reason=rec["reason"])
                 shard.errors[row["key"]] = rec
             elif row["kind"] == "end":
                 shard.expected_clips = json.loads(row["record"])["clips"]
             if shard.complete():
-                writer.write(row["shard_id"], list(shard.latents.values()), list(shard.errors.values()))
-                progress.shards_done += 1
-                progress.clips += shard.expected_clips
-                progress.latents += len(shard.latents)
+                commit(writer, row["shard_id"], shard, progress)
                 del pending[row["shard_id"]]
         if time.time() - progress.last_print >= every_s:
             print(progress.line(), flush=True)
@@ -127,9 +136,38 @@ def consume(ds, writer: ShardWriter, run_meta: dict, progress: Progress, every_s
     return pending
 
 
+def commit(writer: ShardWriter, shard_id: str, shard: ShardRows, progress: Progress) -> None:
+    start = time.perf_counter()
+    writer.write(shard_id, list(shard.latents.values()), list(shard.errors.values()))
+    metrics.observe("wfvae_write_seconds", time.perf_counter() - start)
+    progress.shards_done += 1
+    progress.clips += shard.expected_clips
+    progress.latents += len(shard.latents)
+    metrics.inc("wfvae_shards", status="done")
+    metrics.inc("wfvae_latents_written", len(shard.latents))
+    metrics.inc("wfvae_latent_bytes_written", sum(len(r["mean"]) + len(r["logvar"] or b"")
+                                                  for r in shard.latents.values()))
+    progress.report()
+
+
 def run_job(cfg: JobConfig) -> dict:
-    storage = StorageOptions(endpoint_url=cfg.s3_endpoint_url)
+    """Run the job; the outcome is counted in `wfvae_job_runs_total`, then the driver lingers so
+    Ray's metrics agent (which pushes every few seconds) exports the last values."""
     _check(cfg)
+    if not ray.is_initialized():
+        ray.init(address=cfg.ray_address, ignore_reinit_error=True, log_to_driver=True)
+    outcome = "failed"
+    try:
+        summary = _run(cfg)
+        outcome = "failed" if summary["shards_failed"] else "succeeded"
+        return summary
+    finally:
+        metrics.inc("wfvae_job_runs", outcome=outcome)
+        time.sleep(cfg.metrics_linger_s)
+
+
+def _run(cfg: JobConfig) -> dict:
+    storage = StorageOptions(endpoint_url=cfg.s3_endpoint_url)
     run_meta = model_identity(cfg)
     urls = expand_inputs(cfg.input, storage)
     todo, skipped = plan_shards(urls, cfg.output, storage, cfg.overwrite, cfg.verify_existing)
@@ -138,13 +176,15 @@ def run_job(cfg: JobConfig) -> dict:
     print(f"[plan] {len(urls)} input shards: {len(todo)} to encode, {len(skipped)} already complete", flush=True)
     fs, out = filesystem(cfg.output, storage)
     progress = Progress(total_shards=len(todo))
+    metrics.inc("wfvae_shards", len(skipped), status="skipped")
+    metrics.set_gauge("wfvae_job_shards_planned", len(todo))
+    progress.report()
     failed = []
     if todo:
-        if not ray.is_initialized():
-            ray.init(address=cfg.ray_address, ignore_reinit_error=True, log_to_driver=True)
         writer = ShardWriter(fs, out, run_meta)
         leftover = consume(build_dataset(cfg, todo, storage), writer, run_meta, progress, cfg.progress_every_s)
         failed = sorted(leftover)
+        metrics.inc("wfvae_shards", len(failed), status="failed")
     summary = _summary(cfg, urls, todo, skipped, failed, progress, run_meta)
     _write_summary(fs, out, summary)
     print(progress.line(), flush=True)

@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pyarrow as pa
 
+from encoder_service import metrics
 from encoder_service.ingest.clips import IngestConfig, error_record, ingest_shard
 from encoder_service.shards.schema import dtype_name, encode_tensor
 
@@ -41,6 +42,9 @@ def ingest_shards(shards: pa.Table, cfg: IngestConfig, batch_size: int):
                     continue
                 frames = record.pop("frames")
                 record["shape"] = list(frames.shape)
+                metrics.inc("wfvae_clips_decoded", bucket=record["bucket"])
+                metrics.inc("wfvae_frames_decoded", frames.shape[0])
+                metrics.observe("wfvae_decode_seconds", record["decode_s"])
                 clips += 1
                 group = by_shape.setdefault(frames.shape, [])
                 group.append(_row("clip", shard_id, record, frames.tobytes()))
@@ -71,9 +75,18 @@ class EncodeClips:
         from encoder_service.engine import LatentEncoder
         self.encoder = LatentEncoder(checkpoint, model_config, precision, device, chunk_frames)
         self.batch_size, self.store_logvar, self.fault, self.calls = batch_size, store_logvar, inject_fault, 0
+        self.last_return = None  # end of the previous call: the gap to the next is time spent waiting for input
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        if self.last_return is not None:
+            metrics.inc("wfvae_encoder_wait_seconds", time.perf_counter() - self.last_return)
         self._maybe_fail()
+        try:
+            return self._encode_block(batch)
+        finally:
+            self.last_return = time.perf_counter()
+
+    def _encode_block(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
         clips = [r for r in rows if r["kind"] == "clip"]
         out = [{**_drop_frames(r), "mean": b"", "logvar": b""} for r in rows if r["kind"] != "clip"]
@@ -97,7 +110,9 @@ class EncodeClips:
             result = self.encoder.encode(frames)
         except Exception as exc:  # noqa: BLE001 - e.g. out of memory on one batch: record, go on
             return [self._error(r, "encode_failed", f"{type(exc).__name__}: {exc}") for r in rows]
-        share = (time.perf_counter() - start) / len(rows)  # encoder-busy seconds, for the busy fraction
+        busy = time.perf_counter() - start
+        share = busy / len(rows)  # encoder-busy seconds per clip, for the run summary's busy fraction
+        self._report(busy, len(rows), shape[0])
         out = []
         for i, r in enumerate(rows):
             if not bool(result.finite[i]):
@@ -110,6 +125,15 @@ class EncodeClips:
                         "mean": encode_tensor(result.mean[i]),
                         "logvar": encode_tensor(result.logvar[i]) if self.store_logvar else b""})
         return out
+
+    def _report(self, busy, clips, frames_per_clip):
+        metrics.inc("wfvae_encoder_busy_seconds", busy)
+        metrics.observe("wfvae_encode_seconds", busy)
+        metrics.inc("wfvae_clips_encoded", clips)
+        metrics.inc("wfvae_frames_encoded", clips * frames_per_clip)
+        in_use, peak = metrics.device_memory(self.encoder.device)
+        metrics.set_gauge("wfvae_encoder_memory_bytes", in_use, device=str(self.encoder.device))
+        metrics.set_gauge("wfvae_encoder_memory_peak_bytes", peak, device=str(self.encoder.device))
 
     def _error(self, row, reason, message):
         rec = json.loads(row["record"])

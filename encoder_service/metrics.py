@@ -1,0 +1,94 @@
+"""Encoder-domain metrics, exported through Ray's own Prometheus endpoint (`ray.util.metrics`).
+
+Why Ray's metrics rather than a prometheus-client HTTP server per process: the job runs in many
+short-lived Ray worker processes (ingest tasks, encoder actors that may be restarted, the driver).
+Ray's per-node metrics agent already aggregates every worker on the node behind one port, labels
+each series with `NodeAddress` (the per-node breakdown) and writes a service-discovery file for
+Prometheus, so no port has to be opened or discovered per process. (prometheus-client parses
+that endpoint in the tests.)
+
+Ray prefixes every name with `ray_` and counters with `_total`: `wfvae_errors` is scraped as
+`ray_wfvae_errors_total`. Outside a Ray worker (unit tests, the CLI) every call is a no-op.
+"""
+import functools
+import os
+
+LATENCY_BUCKETS = {
+    "decode": [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10],      # per clip
+    "encode": [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60],     # per encoder batch
+    "write": [0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120],        # per shard commit
+}
+
+# name: (kind, description, tag keys)
+DEFINITIONS = {
+    "wfvae_clips_decoded": ("counter", "Clips decoded, resized and cropped by ingest, by bucket (TxHxW)", ("bucket",)),
+    "wfvae_frames_decoded": ("counter", "Frames decoded by ingest", ()),
+    "wfvae_clips_encoded": ("counter", "Clips encoded into latents", ()),
+    "wfvae_frames_encoded": ("counter", "Frames encoded into latents", ()),
+    "wfvae_latent_bytes_written": ("counter", "Bytes of latent tensors (mean and logvar) committed to shards", ()),
+    "wfvae_latents_written": ("counter", "Latent rows committed to shards", ()),
+    "wfvae_shards": ("counter", "Shards by outcome: done, skipped (already complete), failed", ("status",)),
+    "wfvae_errors": ("counter", "Error-ledger rows by stage and reason", ("stage", "reason")),
+    "wfvae_encoder_busy_seconds": ("counter", "Seconds the encoder spent encoding", ()),
+    "wfvae_encoder_wait_seconds": ("counter", "Seconds the encoder waited for its next batch (idle)", ()),
+    "wfvae_decode_seconds": ("histogram", "Decode + resize + crop time per clip", ()),
+    "wfvae_encode_seconds": ("histogram", "Encoder time per batch (copy in, encode, copy out)", ()),
+    "wfvae_write_seconds": ("histogram", "Time to write and commit one output shard", ()),
+    "wfvae_encoder_memory_bytes": ("gauge", "Encoder device memory in use: CUDA allocated bytes on a GPU, "
+                                   "resident set size on CPU", ("device",)),
+    "wfvae_encoder_memory_peak_bytes": ("gauge", "Peak CUDA memory allocated by the encoder (RSS on CPU)", ("device",)),
+    "wfvae_job_shards_planned": ("gauge", "Shards this run has to encode", ()),
+    "wfvae_job_progress_ratio": ("gauge", "Fraction of planned shards finished (done or failed)", ()),
+    "wfvae_job_eta_seconds": ("gauge", "Estimated seconds until the run finishes", ()),
+    "wfvae_job_runs": ("counter", "Finished runs by outcome: succeeded, failed (a shard failed or the run raised)",
+                       ("outcome",)),
+}
+
+
+@functools.cache
+def _metric(name: str):
+    from ray.util import metrics
+    kind, description, tags = DEFINITIONS[name]
+    if kind == "histogram":
+        return metrics.Histogram(name, description, boundaries=LATENCY_BUCKETS[name.split("_")[1]], tag_keys=tags)
+    return (metrics.Counter if kind == "counter" else metrics.Gauge)(name, description, tag_keys=tags)
+
+
+def _enabled() -> bool:
+    try:
+        import ray
+        return ray.is_initialized()
+    except ImportError:
+        return False
+
+
+def inc(name: str, value: float = 1.0, **tags) -> None:
+    if value > 0 and _enabled():
+        _metric(name).inc(value, tags=tags or None)
+
+
+def observe(name: str, value: float, **tags) -> None:
+    if _enabled():
+        _metric(name).observe(value, tags=tags or None)
+
+
+def set_gauge(name: str, value: float, **tags) -> None:
+    if _enabled():
+        _metric(name).set(value, tags=tags or None)
+
+
+def device_memory(device) -> tuple[int, int]:
+    """(in use, peak) bytes for the encoder's device; the process RSS on CPU."""
+    if getattr(device, "type", str(device)) == "cuda":
+        import torch
+        return torch.cuda.memory_allocated(device), torch.cuda.max_memory_allocated(device)
+    rss = _rss_bytes()
+    return rss, rss
+
+
+def _rss_bytes() -> int:
+    try:
+        with open(f"/proc/{os.getpid()}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
