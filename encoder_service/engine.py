@@ -46,7 +46,10 @@ class LatentEncoder:
         x = torch.as_tensor(frames)
         if self.device.type == "cuda":  # pinned pages let the copy run asynchronously
             x = x.pin_memory()
-        x = x.to(self.device, non_blocking=True).permute(0, 4, 1, 2, 3).to(self.compute_dtype).div_(127.5).sub_(1.0)
+        # uint8 stays uint8 on the device: the wavelet pyramid maps [0, 255] -> [-1, 1] as it reads
+        x = x.to(self.device, non_blocking=True).permute(0, 4, 1, 2, 3)
+        if x.dtype != torch.uint8:  # float frames in [0, 255]
+            x = x.to(self.compute_dtype).div(127.5).sub(1.0)
         chunk = self.chunk_frames if self.chunk_frames and x.shape[2] > self.chunk_frames + 1 else None
         posterior = self.vae.encode(x, chunk_frames=chunk)
         finite = torch.isfinite(posterior.mean).flatten(1).all(1) & torch.isfinite(posterior.logvar).flatten(1).all(1)

@@ -72,16 +72,16 @@ def haar2d(x):
     return _impl("haar2d", x, haar_reference)(x)
 
 
-def inverse_haar3d(x, drop_first=True):
-    return _impl("inverse_haar3d", x, haar_reference)(x, drop_first)
+def inverse_haar3d(x, drop_first=True, add_low=None):
+    return _impl("inverse_haar3d", x, haar_reference)(x, drop_first, add_low)
 
 
-def inverse_haar2d(x):
-    return _impl("inverse_haar2d", x, haar_reference)(x)
+def inverse_haar2d(x, add_low=None):
+    return _impl("inverse_haar2d", x, haar_reference)(x, add_low)
 
 
-def haar_pyramid(x, causal_pad=True):
-    return _impl("haar_pyramid", x, haar_reference)(x, causal_pad)
+def haar_pyramid(x, causal_pad=True, dtype=None):
+    return _impl("haar_pyramid", x, haar_reference)(x, causal_pad, dtype)
 
 
 def channel_layer_norm(x, weight, bias, eps=1e-6, silu=False):

@@ -56,8 +56,18 @@ def haar2d(x: torch.Tensor) -> torch.Tensor:
     return torch.stack([ll, hl, lh, hh], dim=1).flatten(1, 2) * HAAR2D_TAP
 
 
-def inverse_haar3d(x: torch.Tensor, drop_first: bool = True) -> torch.Tensor:
-    """(B, 8C, T, H, W) -> (B, C, 2T, 2H, 2W); drop_first removes frame 0 (the causal pad)."""
+def _add_low(x: torch.Tensor, add_low: torch.Tensor | None, bands: int) -> torch.Tensor:
+    """x with add_low added to its low band (channels 0..C-1): the decoder's energy-flow sum."""
+    if add_low is None:
+        return x
+    c = x.shape[1] // bands
+    return torch.cat([x[:, :c] + add_low, x[:, c:]], dim=1)
+
+
+def inverse_haar3d(x: torch.Tensor, drop_first: bool = True, add_low: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, 8C, T, H, W) -> (B, C, 2T, 2H, 2W); drop_first removes frame 0 (the causal pad).
+    add_low (B, C, T, H, W) is added to the low band first."""
+    x = _add_low(x, add_low, 8)
     b = x.unflatten(1, (2, 2, 2, -1))  # (B, tau, eta, omega, C, T, H, W)
     w = _merge(b[:, :, :, 0], b[:, :, :, 1], dim=6)  # width
     h = _merge(w[:, :, 0], w[:, :, 1], dim=4)  # height
@@ -65,20 +75,31 @@ def inverse_haar3d(x: torch.Tensor, drop_first: bool = True) -> torch.Tensor:
     return out[:, :, 1:] if drop_first else out
 
 
-def inverse_haar2d(x: torch.Tensor) -> torch.Tensor:
-    """(B, 4C, T, H, W) -> (B, C, T, 2H, 2W), exact inverse of haar2d."""
+def inverse_haar2d(x: torch.Tensor, add_low: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, 4C, T, H, W) -> (B, C, T, 2H, 2W), exact inverse of haar2d (add_low: as inverse_haar3d)."""
+    x = _add_low(x, add_low, 4)
     ll, hl, lh, hh = x.unflatten(1, (4, -1)).unbind(1)
     rows_lo = _merge(ll, lh, dim=4)
     rows_hi = _merge(hl, hh, dim=4)
     return _merge(rows_lo, rows_hi, dim=3) * HAAR2D_TAP
 
 
-def haar_pyramid(x: torch.Tensor, causal_pad: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def to_unit_range(frames: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 [0, 255] -> [-1, 1], computed in float32 (exact for float32), then cast to dtype."""
+    return frames.float().div(127.5).sub(1.0).to(dtype)
+
+
+def haar_pyramid(x: torch.Tensor, causal_pad: bool = True, dtype: torch.dtype | None = None):
     """The encoder's three wavelet inputs from one video chunk (spec section 5, steps 1-2).
 
-    Returns (level-0 3D coefficients (B,24,..), level-1 2D coefficients of the LLL band (B,12,..),
-    level-2 3D coefficients of the LL band of that (B,24,..)).
+    x: (B, 3, T, H, W) float in [-1, 1], or uint8 in [0, 255] (mapped to [-1, 1] in dtype, default
+    float32). Returns (level-0 3D coefficients (B,24,..), level-1 2D coefficients of the LLL band
+    (B,12,..), level-2 3D coefficients of the LL band of that (B,24,..)).
     """
+    if x.dtype == torch.uint8:
+        x = to_unit_range(x, dtype or torch.float32)
+    elif dtype is not None:
+        x = x.to(dtype)
     coeffs = haar3d(x, causal_pad)
     l1 = haar2d(coeffs[:, :3])
     l2 = haar3d(l1[:, :3], causal_pad)

@@ -16,7 +16,7 @@ def vae():
     ((1, 3, 9, 20, 16), torch.float32, "multiples of 8.*crop to 16x16"),
     ((1, 9, 16, 16, 3), torch.float32, "3 \\(RGB\\) channels.*permute"),
     ((1, 3, 9, 16), torch.float32, "\\(B, 3, T, H, W\\)"),
-    ((1, 3, 9, 16, 16), torch.uint8, "x.float\\(\\) / 127.5 - 1"),
+    ((1, 3, 9, 16, 16), torch.int16, "float video in \\[-1, 1\\] or uint8 frames"),
 ])
 def test_bad_video_is_refused_with_a_fix(vae, shape, dtype, message):
     x = torch.zeros(shape, dtype=dtype)
@@ -25,8 +25,18 @@ def test_bad_video_is_refused_with_a_fix(vae, shape, dtype, message):
 
 
 def test_out_of_range_values_are_refused(vae):
-    with pytest.raises(ValueError, match="\\[0, 255\\] with x / 127.5 - 1"):
+    with pytest.raises(ValueError, match="pass \\[0, 255\\] frames as uint8"):
         vae.encode(torch.full((1, 3, 5, 16, 16), 200.0))
+
+
+@pytest.mark.parametrize("chunk", [None, 4])
+def test_uint8_frames_equal_their_float_mapping(vae, chunk):
+    """(B, T, H, W, 3) uint8 frames, passed as a permuted view (no copy), encode like x / 127.5 - 1."""
+    frames = torch.randint(0, 256, (2, 9, 16, 24, 3), dtype=torch.uint8)
+    view = frames.permute(0, 4, 1, 2, 3)
+    got = vae.encode(view, chunk_frames=chunk).mean
+    want = vae.encode(view.float() / 127.5 - 1, chunk_frames=chunk).mean
+    assert (got - want).abs().max() <= 1e-5  # float32: only the order of the scaling differs
 
 
 def test_bad_latent_is_refused(vae):

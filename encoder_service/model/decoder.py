@@ -61,8 +61,9 @@ class Decoder(nn.Module):
         l1 = self.inverse_wavelet_transform_l1(l1_coeffs)
         h = run(self.layer, run(self.up1, h[:, :self.width], cache), cache)
         h = self.conv_out(self.norm_out(h, silu=True))
-        h = torch.cat([h[:, :3] + l1, h[:, 3:]], dim=1)
-        return self.inverse_wavelet_transform_out(h, cache), l1_coeffs, l2_coeffs
+        # the level-1 flow joins the low band inside the inverse transform (no concatenated copy);
+        # l1_coeffs above stays a cat because it is returned
+        return self.inverse_wavelet_transform_out(h, cache, add_low=l1), l1_coeffs, l2_coeffs
 
     def _latent_rate(self, z, cache, final):
         """Everything before the temporal upsampler, plus the level-2 flow branch."""

@@ -41,13 +41,13 @@ class Encoder(nn.Module):
         self.wavelet_transform_l2 = HaarWaveletTransform3D()
 
     def forward(self, x: torch.Tensor, cache: CausalCache | None = None):
-        """x (B,3,T,H,W) -> (moments (B,2z,t,h,w), level-1 coeffs, level-2 coeffs).
+        """x (B,3,T,H,W), float or uint8 -> (moments (B,2z,t,h,w), level-1 coeffs, level-2 coeffs).
 
         With a cache, x is the next chunk of a clip: its first frame alone or with 4k more, then
         multiples of 4 frames.
         """
         first = cache is None or not cache.seen(self)
-        coeffs, l1_coeffs, l2_coeffs = kernels.haar_pyramid(x, causal_pad=first)
+        coeffs, l1_coeffs, l2_coeffs = kernels.haar_pyramid(x, causal_pad=first, dtype=self.conv_out.conv.weight.dtype)
         h = run(self.down1, coeffs, cache)
         h = run(self.down2, torch.cat([h, self.connect_l1(l1_coeffs)], dim=1), cache)
         h = run(self.mid, torch.cat([h, self.connect_l2(l2_coeffs)], dim=1), cache)

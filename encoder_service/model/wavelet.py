@@ -99,6 +99,6 @@ class InverseHaarWaveletTransform3D(_BufferHaar):
     def __init__(self):
         super().__init__(filters_3d)
 
-    def forward(self, x, cache: CausalCache | None = None):
+    def forward(self, x, cache: CausalCache | None = None, add_low=None):
         first = cache is None or not cache.seen(self)
-        return kernels.inverse_haar3d(x, drop_first=first)
+        return kernels.inverse_haar3d(x, drop_first=first, add_low=add_low)

@@ -46,7 +46,8 @@ class WFVAE(nn.Module):
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor, chunk_frames: int | None = None) -> DiagonalGaussian:
-        """x (B, 3, T, H, W) in [-1, 1], T = 4k+1, H and W multiples of 8 -> posterior over
+        """x (B, 3, T, H, W) in [-1, 1] (or uint8 in [0, 255], e.g. a permuted view of (B, T, H, W, 3)
+        frames), T = 4k+1, H and W multiples of 8 -> posterior over
         (B, z, k+1, H/8, W/8). With chunk_frames=N (a multiple of 4) the clip runs through the
         encoder N frames at a time with the causal cache; the result equals the whole-clip one."""
         x = check_video(x, self.dtype)
@@ -161,14 +162,15 @@ def check_video(x: torch.Tensor, dtype: torch.dtype, whole_clip: bool = True) ->
     if h % 8 or w % 8 or h == 0 or w == 0:
         raise ValueError(f"WF-VAE needs height and width that are multiples of 8, got {h}x{w}: "
                          f"crop to {h // 8 * 8}x{w // 8 * 8} or resize")
+    if x.dtype == torch.uint8:
+        return x  # [0, 255] frames: mapped to [-1, 1] inside the wavelet pyramid, no float copy
     if not x.is_floating_point():
-        raise ValueError(f"WF-VAE expects float video in [-1, 1], got {x.dtype}: for uint8 frames use "
-                         "x.float() / 127.5 - 1")
+        raise ValueError(f"WF-VAE expects float video in [-1, 1] or uint8 frames in [0, 255], got {x.dtype}")
     if x.numel():
         lo, hi = x.aminmax()
         if lo < -1.001 or hi > 1.001:
             raise ValueError(f"WF-VAE expects values in [-1, 1], got [{lo.item():.3g}, {hi.item():.3g}]: "
-                             "map [0, 1] with 2x - 1, or [0, 255] with x / 127.5 - 1")
+                             "map [0, 1] with 2x - 1, or pass [0, 255] frames as uint8")
     return x.to(dtype)
 
 
