@@ -29,8 +29,8 @@ def dry_run(cfg: JobConfig) -> dict:
     decode_s = time.perf_counter() - start
     if not clips:
         raise SystemExit(f"dry run: no usable clip in {shards_read} shard(s) ({samples_errors} errors)")
-    encoder = LatentEncoder(cfg.checkpoint, cfg.model_config, cfg.precision,
-                            "cuda" if cfg.num_gpus > 0 else "cpu", cfg.chunk_frames)
+    encoder = LatentEncoder.load(cfg.checkpoint, cfg.model_config, cfg.precision,
+                                 "cuda" if cfg.num_gpus > 0 else "cpu", cfg.chunk_frames)
     by_shape = {}
     for c in clips:
         by_shape.setdefault(c["frames"].shape, []).append(c["frames"])

@@ -73,7 +73,7 @@ class EncodeClips:
     def __init__(self, checkpoint, model_config, precision, device, batch_size, chunk_frames, store_logvar,
                  inject_fault=None):
         from encoder_service.engine import LatentEncoder
-        self.encoder = LatentEncoder(checkpoint, model_config, precision, device, chunk_frames)
+        self.encoder = LatentEncoder.load(checkpoint, model_config, precision, device, chunk_frames)
         self.batch_size, self.store_logvar, self.fault, self.calls = batch_size, store_logvar, inject_fault, 0
         self.last_return = None  # end of the previous call: the gap to the next is time spent waiting for input
 
