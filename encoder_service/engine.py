@@ -37,9 +37,7 @@ class LatentEncoder:
 
     def __init__(self, vae: WFVAE, precision: str = "bf16", chunk_frames: int | str | None = 16,
                  channels_last: bool | None = None):
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-        self.compute_dtype, self.storage_dtype = PRECISIONS[precision]
+        self.compute_dtype, self.storage_dtype = dtypes(precision)
         self.precision, self.policy, self.chunk_frames = precision, POLICY_NAMES[precision], chunk_frames
         self.vae = vae.to(dtype=self.compute_dtype).eval()
         self.device = next(vae.parameters()).device
@@ -52,10 +50,8 @@ class LatentEncoder:
     @classmethod
     def load(cls, checkpoint: str, config=None, precision: str = "bf16", device: str | None = None,
              chunk_frames: int | str | None = 16, channels_last: bool | None = None) -> "LatentEncoder":
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        vae = WFVAE.from_pretrained(checkpoint, config=config, dtype=PRECISIONS[precision][0], device=device)
+        vae = WFVAE.from_pretrained(checkpoint, config=config, dtype=dtypes(precision)[0], device=device)
         return cls(vae, precision, chunk_frames, channels_last)
 
     @property
@@ -83,6 +79,13 @@ class LatentEncoder:
         finite = torch.isfinite(posterior.mean).flatten(1).all(1) & torch.isfinite(posterior.logvar).flatten(1).all(1)
         return Encoded(posterior.mean.to(self.storage_dtype).cpu(), posterior.logvar.to(self.storage_dtype).cpu(),
                        finite.cpu())
+
+
+def dtypes(precision: str) -> tuple[torch.dtype, torch.dtype]:
+    """(compute, storage) dtypes of a precision policy."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return PRECISIONS[precision]
 
 
 def to_channels_last_3d(model: torch.nn.Module) -> None:

@@ -184,17 +184,33 @@ def _band(x_ptr, add_ptr, off, band, c_stride, add_off, mask, ADD: tl.constexpr)
 
 
 @triton.jit
-def _inverse3d_kernel(x_ptr, add_ptr, y_ptr, C, T, H, W, T_out, drop,
-                      ADD: tl.constexpr, BLOCK: tl.constexpr, TAP: tl.constexpr):
+def _inverse_block(C, T, H, W, BANDS: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's block of input positions of one (batch, channel, frame) of a contiguous
+    (B, BANDS*C, T, H, W) tensor: band k of a position is at off + k*band_stride; the matching
+    element of add_low (B, C, T, H, W) at add_off."""
     pid, t, bc = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, c = bc // C, bc % C
     pos = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = pos < H * W
-    h, w = pos // W, pos % W
     hw = H * W
-    off = (b * 8 * C + c) * T * hw + t * hw + pos  # contiguous (B, 8C, T, H, W); band k at + k*C*T*H*W
+    off = (b * BANDS * C + c) * T * hw + t * hw + pos
     add_off = (b * C + c) * T * hw + t * hw + pos
-    cs = C * T * hw
+    return b, c, t, pos, pos < hw, pos // W, pos % W, off, add_off, C * T * hw
+
+
+@triton.jit
+def _store_2x2(y_ptr, base, Wo, mask, tap, v00, v01, v10, v11):
+    """Output pixels (2h, 2w), (2h, 2w+1), (2h+1, 2w), (2h+1, 2w+1) from base = (2h, 2w)."""
+    ty = y_ptr.dtype.element_ty
+    tl.store(y_ptr + base, (v00 * tap).to(ty), mask=mask)
+    tl.store(y_ptr + base + 1, (v01 * tap).to(ty), mask=mask)
+    tl.store(y_ptr + base + Wo, (v10 * tap).to(ty), mask=mask)
+    tl.store(y_ptr + base + Wo + 1, (v11 * tap).to(ty), mask=mask)
+
+
+@triton.jit
+def _inverse3d_kernel(x_ptr, add_ptr, y_ptr, C, T, H, W, T_out, drop,
+                      ADD: tl.constexpr, BLOCK: tl.constexpr, TAP: tl.constexpr):
+    b, c, t, pos, mask, h, w, off, add_off, cs = _inverse_block(C, T, H, W, 8, BLOCK)
     # bands s = 4*tau + 2*eta + omega; merge width, then height, then time (as the reference)
     b0 = _band(x_ptr, add_ptr, off, 0, cs, add_off, mask, ADD)
     b1 = _band(x_ptr, add_ptr, off, 1, cs, add_off, mask, False)
@@ -209,43 +225,28 @@ def _inverse3d_kernel(x_ptr, add_ptr, y_ptr, C, T, H, W, T_out, drop,
     # height: rows 2h (eta sum) and 2h+1 (eta difference), per tau and width parity
     r0ee, r0eo, r0oe, r0oo = w00e + w01e, w00o + w01o, w00e - w01e, w00o - w01o
     r1ee, r1eo, r1oe, r1oo = w10e + w11e, w10o + w11o, w10e - w11e, w10o - w11o
-    ty = y_ptr.dtype.element_ty
     Ho, Wo = 2 * H, 2 * W
     for dt in tl.static_range(2):
         sign = 1.0 - 2.0 * dt
         to = 2 * t + dt - drop
         ok = mask & ((pos * 0 + to) >= 0)  # a block mask (a scalar condition is not one everywhere)
         base = (b * C + c) * T_out * Ho * Wo + to * Ho * Wo + (2 * h) * Wo + 2 * w
-        tl.store(y_ptr + base, ((r0ee + sign * r1ee) * TAP).to(ty), mask=ok)
-        tl.store(y_ptr + base + 1, ((r0eo + sign * r1eo) * TAP).to(ty), mask=ok)
-        tl.store(y_ptr + base + Wo, ((r0oe + sign * r1oe) * TAP).to(ty), mask=ok)
-        tl.store(y_ptr + base + Wo + 1, ((r0oo + sign * r1oo) * TAP).to(ty), mask=ok)
+        _store_2x2(y_ptr, base, Wo, ok, TAP, r0ee + sign * r1ee, r0eo + sign * r1eo, r0oe + sign * r1oe,
+                   r0oo + sign * r1oo)
 
 
 @triton.jit
 def _inverse2d_kernel(x_ptr, add_ptr, y_ptr, C, T, H, W, ADD: tl.constexpr, BLOCK: tl.constexpr,
                       TAP: tl.constexpr):
-    pid, t, bc = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    b, c = bc // C, bc % C
-    pos = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = pos < H * W
-    h, w = pos // W, pos % W
-    hw = H * W
-    off = (b * 4 * C + c) * T * hw + t * hw + pos
-    add_off = (b * C + c) * T * hw + t * hw + pos
-    cs = C * T * hw
+    b, c, t, pos, mask, h, w, off, add_off, cs = _inverse_block(C, T, H, W, 4, BLOCK)
     ll = _band(x_ptr, add_ptr, off, 0, cs, add_off, mask, ADD)
     hl = _band(x_ptr, add_ptr, off, 1, cs, add_off, mask, False)
     lh = _band(x_ptr, add_ptr, off, 2, cs, add_off, mask, False)
     hh = _band(x_ptr, add_ptr, off, 3, cs, add_off, mask, False)
     lo_e, lo_o, hi_e, hi_o = ll + lh, ll - lh, hl + hh, hl - hh  # width merge of the low/high rows
-    ty = y_ptr.dtype.element_ty
     Wo = 2 * W
-    base = (b * C + c) * T * 4 * hw + t * 4 * hw + (2 * h) * Wo + 2 * w
-    tl.store(y_ptr + base, ((lo_e + hi_e) * TAP).to(ty), mask=mask)
-    tl.store(y_ptr + base + 1, ((lo_o + hi_o) * TAP).to(ty), mask=mask)
-    tl.store(y_ptr + base + Wo, ((lo_e - hi_e) * TAP).to(ty), mask=mask)
-    tl.store(y_ptr + base + Wo + 1, ((lo_o - hi_o) * TAP).to(ty), mask=mask)
+    base = (b * C + c) * T * 4 * H * W + t * 4 * H * W + (2 * h) * Wo + 2 * w
+    _store_2x2(y_ptr, base, Wo, mask, TAP, lo_e + hi_e, lo_o + hi_o, lo_e - hi_e, lo_o - hi_o)
 
 
 def _inverse_args(x: torch.Tensor, bands: int, add_low: torch.Tensor | None):
@@ -256,7 +257,7 @@ def _inverse_args(x: torch.Tensor, bands: int, add_low: torch.Tensor | None):
     if add_low is not None and tuple(add_low.shape) != (b, c, t, h, w):
         raise ValueError(f"add_low must be {(b, c, t, h, w)}, got {tuple(add_low.shape)}")
     x = x.contiguous()
-    _check_int32(x, 8 if bands == 8 else 4)
+    _check_int32(x, bands)
     add = x if add_low is None else add_low.to(x.dtype).contiguous()
     return x, add, (b, c, t, h, w)
 
