@@ -10,13 +10,20 @@ same float32(0.3536) taps; sums may associate differently, so results agree to r
   first chunk and (2f, 2f+1) on later ones, so later chunks need no state.
 * inverse_haar3d / inverse_haar2d: one program per block of input positions of one frame and
   channel; writes the 8 (or 4) output pixels of each. `add_low` is added to the low band on
-  load: the decoder's energy-flow addition without a concatenated copy.
+  load: the decoder's energy-flow addition without a concatenated copy. Inputs are read through
+  their own strides (a channels_last_3d conv output or a channel slice needs no copy); the output
+  is a new contiguous tensor.
+
+Offsets: int32 unless an offset this call touches (input or output, from its strides) reaches
+2^31, then every index is widened to int64 before it is multiplied (kernels/offsets.py). No
+input is refused for its size.
 """
 import torch
 import triton
 import triton.language as tl
 
 from kernels.haar_reference import HAAR2D_TAP, HAAR3D_TAP
+from kernels.offsets import needs_int64
 
 
 @triton.jit
@@ -105,9 +112,11 @@ def _levels01(x_ptr, l0_ptr, l1_ptr, c, f, write, b, cy, cx, cell_ok, H0, W0, H1
 @triton.jit
 def _pyramid_kernel(x_ptr, l0_ptr, l1_ptr, l2_ptr, n_cells, cells_w, H0, W0, H1, W1, H2, W2,
                     sx_b, sx_c, sx_t, sx_h, sx_w, s0_b, s0_c, s0_t, s1_b, s1_c, s1_t, s2_b, s2_c, s2_t,
-                    CAUSAL: tl.constexpr, U8: tl.constexpr, BLOCK: tl.constexpr, TAP3: tl.constexpr,
-                    TAP2: tl.constexpr):
+                    CAUSAL: tl.constexpr, U8: tl.constexpr, WIDE: tl.constexpr, BLOCK: tl.constexpr,
+                    TAP3: tl.constexpr, TAP2: tl.constexpr):
     pid, m, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    if WIDE:
+        pid, m, b = pid.to(tl.int64), m.to(tl.int64), b.to(tl.int64)
     cell = pid * BLOCK + tl.arange(0, BLOCK)
     cell_ok = cell < n_cells
     cy, cx = cell // cells_w, cell % cells_w
@@ -134,11 +143,6 @@ def _pyramid_kernel(x_ptr, l0_ptr, l1_ptr, l2_ptr, n_cells, cells_w, H0, W0, H1,
                 tl.sum(hi * sign_h, axis=1), tl.sum(hi * sign_h * sign_w, axis=1))
 
 
-def _check_int32(x: torch.Tensor, growth: int = 1) -> None:
-    if x.numel() * growth >= 2 ** 31:  # the kernels index with int32
-        raise ValueError(f"tensor of {tuple(x.shape)} is too large for one kernel call: split the batch")
-
-
 def _pyramid_frames(t: int, causal_pad: bool) -> tuple[int, int]:
     if causal_pad and (t - 1) % 4 == 0:
         return (t + 1) // 2, (t + 3) // 4
@@ -154,7 +158,6 @@ def haar_pyramid(x: torch.Tensor, causal_pad: bool = True, dtype: torch.dtype | 
     b, c, t, h, w = x.shape
     if c != 3:
         raise ValueError(f"haar_pyramid expects 3 channels, got {c}")
-    _check_int32(x)
     dtype = dtype or (x.dtype if x.is_floating_point() else torch.float32)
     t0, t2 = _pyramid_frames(t, causal_pad)
     h0, w0 = h // 2, w // 2
@@ -171,30 +174,33 @@ def haar_pyramid(x: torch.Tensor, causal_pad: bool = True, dtype: torch.dtype | 
     _pyramid_kernel[grid](x, l0, l1, l2, n_cells, cells_w, h0, w0, h1, w1, h2, w2, *x.stride(),
                           l0.stride(0), l0.stride(1), l0.stride(2), l1.stride(0), l1.stride(1), l1.stride(2),
                           l2.stride(0), l2.stride(1), l2.stride(2), CAUSAL=causal_pad, U8=x.dtype == torch.uint8,
-                          BLOCK=block, TAP3=HAAR3D_TAP, TAP2=HAAR2D_TAP)
+                          WIDE=needs_int64(x, l0, l1, l2), BLOCK=block, TAP3=HAAR3D_TAP, TAP2=HAAR2D_TAP)
     return l0, l1, l2
 
 
 @triton.jit
-def _band(x_ptr, add_ptr, off, band, c_stride, add_off, mask, ADD: tl.constexpr):
-    v = tl.load(x_ptr + off + band * c_stride, mask=mask, other=0.0).to(tl.float32)
+def _band(x_ptr, add_ptr, x_off, band, band_stride, add_off, mask, ADD: tl.constexpr):
+    v = tl.load(x_ptr + x_off + band * band_stride, mask=mask, other=0.0).to(tl.float32)
     if ADD:  # passed for the low band only
         v += tl.load(add_ptr + add_off, mask=mask, other=0.0).to(tl.float32)
     return v
 
 
 @triton.jit
-def _inverse_block(C, T, H, W, BANDS: tl.constexpr, BLOCK: tl.constexpr):
-    """This program's block of input positions of one (batch, channel, frame) of a contiguous
-    (B, BANDS*C, T, H, W) tensor: band k of a position is at off + k*band_stride; the matching
-    element of add_low (B, C, T, H, W) at add_off."""
+def _inverse_block(C, H, W, sx_b, sx_c, sx_t, sx_h, sx_w, sa_b, sa_c, sa_t, sa_h, sa_w,
+                   WIDE: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's block of input positions of one (batch, channel, frame): band k of a
+    position is at x_off + k * band_stride of the (B, BANDS*C, T, H, W) input, the matching
+    add_low element at add_off."""
     pid, t, bc = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    if WIDE:
+        pid, t, bc = pid.to(tl.int64), t.to(tl.int64), bc.to(tl.int64)
     b, c = bc // C, bc % C
     pos = pid * BLOCK + tl.arange(0, BLOCK)
-    hw = H * W
-    off = (b * BANDS * C + c) * T * hw + t * hw + pos
-    add_off = (b * C + c) * T * hw + t * hw + pos
-    return b, c, t, pos, pos < hw, pos // W, pos % W, off, add_off, C * T * hw
+    h, w = pos // W, pos % W
+    x_off = b * sx_b + c * sx_c + t * sx_t + h * sx_h + w * sx_w
+    add_off = b * sa_b + c * sa_c + t * sa_t + h * sa_h + w * sa_w
+    return b, c, t, pos < H * W, h, w, x_off, add_off, C * sx_c
 
 
 @triton.jit
@@ -208,18 +214,20 @@ def _store_2x2(y_ptr, base, Wo, mask, tap, v00, v01, v10, v11):
 
 
 @triton.jit
-def _inverse3d_kernel(x_ptr, add_ptr, y_ptr, C, T, H, W, T_out, drop,
-                      ADD: tl.constexpr, BLOCK: tl.constexpr, TAP: tl.constexpr):
-    b, c, t, pos, mask, h, w, off, add_off, cs = _inverse_block(C, T, H, W, 8, BLOCK)
+def _inverse3d_kernel(x_ptr, add_ptr, y_ptr, C, H, W, T_out, drop,
+                      sx_b, sx_c, sx_t, sx_h, sx_w, sa_b, sa_c, sa_t, sa_h, sa_w,
+                      ADD: tl.constexpr, WIDE: tl.constexpr, BLOCK: tl.constexpr, TAP: tl.constexpr):
+    b, c, t, mask, h, w, off, add_off, bs = _inverse_block(C, H, W, sx_b, sx_c, sx_t, sx_h, sx_w,
+                                                           sa_b, sa_c, sa_t, sa_h, sa_w, WIDE, BLOCK)
     # bands s = 4*tau + 2*eta + omega; merge width, then height, then time (as the reference)
-    b0 = _band(x_ptr, add_ptr, off, 0, cs, add_off, mask, ADD)
-    b1 = _band(x_ptr, add_ptr, off, 1, cs, add_off, mask, False)
-    b2 = _band(x_ptr, add_ptr, off, 2, cs, add_off, mask, False)
-    b3 = _band(x_ptr, add_ptr, off, 3, cs, add_off, mask, False)
-    b4 = _band(x_ptr, add_ptr, off, 4, cs, add_off, mask, False)
-    b5 = _band(x_ptr, add_ptr, off, 5, cs, add_off, mask, False)
-    b6 = _band(x_ptr, add_ptr, off, 6, cs, add_off, mask, False)
-    b7 = _band(x_ptr, add_ptr, off, 7, cs, add_off, mask, False)
+    b0 = _band(x_ptr, add_ptr, off, 0, bs, add_off, mask, ADD)
+    b1 = _band(x_ptr, add_ptr, off, 1, bs, add_off, mask, False)
+    b2 = _band(x_ptr, add_ptr, off, 2, bs, add_off, mask, False)
+    b3 = _band(x_ptr, add_ptr, off, 3, bs, add_off, mask, False)
+    b4 = _band(x_ptr, add_ptr, off, 4, bs, add_off, mask, False)
+    b5 = _band(x_ptr, add_ptr, off, 5, bs, add_off, mask, False)
+    b6 = _band(x_ptr, add_ptr, off, 6, bs, add_off, mask, False)
+    b7 = _band(x_ptr, add_ptr, off, 7, bs, add_off, mask, False)
     w00e, w00o, w01e, w01o = b0 + b1, b0 - b1, b2 + b3, b2 - b3   # (tau, eta) = (0,0), (0,1)
     w10e, w10o, w11e, w11o = b4 + b5, b4 - b5, b6 + b7, b6 - b7   # (1,0), (1,1)
     # height: rows 2h (eta sum) and 2h+1 (eta difference), per tau and width parity
@@ -229,23 +237,25 @@ def _inverse3d_kernel(x_ptr, add_ptr, y_ptr, C, T, H, W, T_out, drop,
     for dt in tl.static_range(2):
         sign = 1.0 - 2.0 * dt
         to = 2 * t + dt - drop
-        ok = mask & ((pos * 0 + to) >= 0)  # a block mask (a scalar condition is not one everywhere)
-        base = (b * C + c) * T_out * Ho * Wo + to * Ho * Wo + (2 * h) * Wo + 2 * w
+        ok = mask & ((h * 0 + to) >= 0)  # a block mask (a scalar condition is not one everywhere)
+        base = ((b * C + c) * T_out + to) * Ho * Wo + (2 * h) * Wo + 2 * w
         _store_2x2(y_ptr, base, Wo, ok, TAP, r0ee + sign * r1ee, r0eo + sign * r1eo, r0oe + sign * r1oe,
                    r0oo + sign * r1oo)
 
 
 @triton.jit
-def _inverse2d_kernel(x_ptr, add_ptr, y_ptr, C, T, H, W, ADD: tl.constexpr, BLOCK: tl.constexpr,
-                      TAP: tl.constexpr):
-    b, c, t, pos, mask, h, w, off, add_off, cs = _inverse_block(C, T, H, W, 4, BLOCK)
-    ll = _band(x_ptr, add_ptr, off, 0, cs, add_off, mask, ADD)
-    hl = _band(x_ptr, add_ptr, off, 1, cs, add_off, mask, False)
-    lh = _band(x_ptr, add_ptr, off, 2, cs, add_off, mask, False)
-    hh = _band(x_ptr, add_ptr, off, 3, cs, add_off, mask, False)
+def _inverse2d_kernel(x_ptr, add_ptr, y_ptr, C, H, W, T,
+                      sx_b, sx_c, sx_t, sx_h, sx_w, sa_b, sa_c, sa_t, sa_h, sa_w,
+                      ADD: tl.constexpr, WIDE: tl.constexpr, BLOCK: tl.constexpr, TAP: tl.constexpr):
+    b, c, t, mask, h, w, off, add_off, bs = _inverse_block(C, H, W, sx_b, sx_c, sx_t, sx_h, sx_w,
+                                                           sa_b, sa_c, sa_t, sa_h, sa_w, WIDE, BLOCK)
+    ll = _band(x_ptr, add_ptr, off, 0, bs, add_off, mask, ADD)
+    hl = _band(x_ptr, add_ptr, off, 1, bs, add_off, mask, False)
+    lh = _band(x_ptr, add_ptr, off, 2, bs, add_off, mask, False)
+    hh = _band(x_ptr, add_ptr, off, 3, bs, add_off, mask, False)
     lo_e, lo_o, hi_e, hi_o = ll + lh, ll - lh, hl + hh, hl - hh  # width merge of the low/high rows
     Wo = 2 * W
-    base = (b * C + c) * T * 4 * H * W + t * 4 * H * W + (2 * h) * Wo + 2 * w
+    base = ((b * C + c) * T + t) * 4 * H * W + (2 * h) * Wo + 2 * w
     _store_2x2(y_ptr, base, Wo, mask, TAP, lo_e + hi_e, lo_o + hi_o, lo_e - hi_e, lo_o - hi_o)
 
 
@@ -256,30 +266,30 @@ def _inverse_args(x: torch.Tensor, bands: int, add_low: torch.Tensor | None):
     c = cb // bands
     if add_low is not None and tuple(add_low.shape) != (b, c, t, h, w):
         raise ValueError(f"add_low must be {(b, c, t, h, w)}, got {tuple(add_low.shape)}")
-    x = x.contiguous()
-    _check_int32(x, bands)
-    add = x if add_low is None else add_low.to(x.dtype).contiguous()
-    return x, add, (b, c, t, h, w)
+    add = x if add_low is None else add_low.to(x.dtype)
+    return add, (b, c, t, h, w)
+
+
+def _launch(kernel, x, add, y, add_low, shape, *scalars, tap):
+    b, c, t, h, w = shape
+    if y.numel():
+        block = 256
+        kernel[(triton.cdiv(h * w, block), t, b * c)](
+            x, add, y, c, h, w, *scalars, *x.stride(), *add.stride(), ADD=add_low is not None,
+            WIDE=needs_int64(x, add, y), BLOCK=block, TAP=tap)
+    return y
 
 
 def inverse_haar3d(x: torch.Tensor, drop_first: bool = True, add_low: torch.Tensor | None = None) -> torch.Tensor:
     """(B, 8C, T, H, W) [+ add_low (B, C, T, H, W) on the low band] -> (B, C, 2T - drop, 2H, 2W)."""
-    x, add, (b, c, t, h, w) = _inverse_args(x, 8, add_low)
+    add, (b, c, t, h, w) = _inverse_args(x, 8, add_low)
     drop = int(drop_first and t > 0)
     y = torch.empty((b, c, 2 * t - drop, 2 * h, 2 * w), dtype=x.dtype, device=x.device)
-    if y.numel():
-        block = 256
-        _inverse3d_kernel[(triton.cdiv(h * w, block), t, b * c)](
-            x, add, y, c, t, h, w, 2 * t - drop, drop, ADD=add_low is not None, BLOCK=block, TAP=HAAR3D_TAP)
-    return y
+    return _launch(_inverse3d_kernel, x, add, y, add_low, (b, c, t, h, w), 2 * t - drop, drop, tap=HAAR3D_TAP)
 
 
 def inverse_haar2d(x: torch.Tensor, add_low: torch.Tensor | None = None) -> torch.Tensor:
     """(B, 4C, T, H, W) [+ add_low (B, C, T, H, W) on the LL band] -> (B, C, T, 2H, 2W)."""
-    x, add, (b, c, t, h, w) = _inverse_args(x, 4, add_low)
+    add, (b, c, t, h, w) = _inverse_args(x, 4, add_low)
     y = torch.empty((b, c, t, 2 * h, 2 * w), dtype=x.dtype, device=x.device)
-    if y.numel():
-        block = 256
-        _inverse2d_kernel[(triton.cdiv(h * w, block), t, b * c)](
-            x, add, y, c, t, h, w, ADD=add_low is not None, BLOCK=block, TAP=HAAR2D_TAP)
-    return y
+    return _launch(_inverse2d_kernel, x, add, y, add_low, (b, c, t, h, w), t, tap=HAAR2D_TAP)

@@ -1,12 +1,19 @@
-"""Shared fixtures: the golden-small official reference (copied from the WF-VAE reference set)."""
+"""Shared fixtures: the golden-small official reference (copied from the WF-VAE reference set),
+small random models, the kernel backend."""
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from encoder_service import WFVAE, WFVAEConfig
+if not torch.cuda.is_available():  # the Triton kernels run on the CPU, in the interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # (must be set before triton is imported)
+
+from safetensors.torch import load_file  # noqa: E402
+
+import kernels  # noqa: E402
+from encoder_service import WFVAE, WFVAEConfig  # noqa: E402
 
 DATA = Path(__file__).parent / "data"
 GOLDEN = DATA / "golden-small"
@@ -67,3 +74,12 @@ def random_vae(config: WFVAEConfig, seed: int = 0, dtype=torch.float32) -> WFVAE
 
 def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item()
+
+
+@pytest.fixture
+def backend():
+    """backend(name) switches the kernel backend for one test; the previous choice comes back after."""
+    from kernels import dispatch
+    before = dispatch._backend
+    yield kernels.use_backend
+    dispatch._backend = before

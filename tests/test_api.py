@@ -1,4 +1,8 @@
 """Public API behaviour: input checks that say what to do, the posterior, shapes and devices."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -85,12 +89,18 @@ def test_cuda_matches_cpu(vae):
     assert max_abs(gpu.encode(x.cuda()).mean.cpu(), vae.encode(x).mean) <= 1e-4
 
 
-def test_kernel_backend_choice(monkeypatch, vae):
+def test_kernel_backend_choice(backend, vae):
     x = torch.rand(1, 3, 5, 16, 16) * 2 - 1
-    monkeypatch.setenv("WFVAE_KERNELS", "torch")
+    backend("torch")
     reference = vae.encode(x).mean
-    monkeypatch.setenv("WFVAE_KERNELS", "auto")  # CPU tensors: the reference path
+    backend("auto")  # CPU tensors: the reference path
     assert torch.equal(vae.encode(x).mean, reference)
-    monkeypatch.setenv("WFVAE_KERNELS", "bogus")
-    with pytest.raises(ValueError, match="WFVAE_KERNELS"):
-        vae.encode(x)
+
+
+@pytest.mark.parametrize("value, expected", [("torch", "torch"), ("", "auto"), ("bogus", "not one of")])
+def test_kernel_backend_is_read_from_the_environment_once(value, expected):
+    code = "import kernels; print(kernels.kernel_backend())"
+    env = {**os.environ, "WFVAE_KERNELS": value} if value else {k: v for k, v in os.environ.items()
+                                                               if k != "WFVAE_KERNELS"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert expected in result.stdout + result.stderr

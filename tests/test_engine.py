@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from conftest import GOLDEN
-from encoder_service.engine import LatentEncoder, auto_chunk_frames
+from encoder_service.engine import ClipRejected, LatentEncoder, auto_chunk_frames, numerics
+from encoder_service.options import PRECISIONS
 from encoder_service.model import WFVAE
 
 CKPT = str(GOLDEN / "weights.safetensors")
@@ -54,6 +55,31 @@ def test_non_finite_input_is_flagged(frames):
 def test_chunk_choice():
     engine = LatentEncoder.load(CKPT, precision="fp32", device="cpu", chunk_frames=16)
     assert engine.chunk_for((1, 33, 64, 64, 3)) == 16 and engine.chunk_for((1, 17, 64, 64, 3)) is None
-    assert auto_chunk_frames(torch.device("cpu"), 64 * 64, "bf16") is None  # CPU: whole clips
+    assert auto_chunk_frames(torch.device("cpu"), 64 * 64, torch.bfloat16) is None  # CPU: whole clips
     with pytest.raises(ValueError, match="precision must be one of"):
         LatentEncoder.load(CKPT, precision="fp16")
+
+
+def test_the_callers_model_is_not_changed():
+    vae = WFVAE.from_pretrained(CKPT)
+    before = {k: (v.dtype, v.stride()) for k, v in vae.state_dict().items()}
+    engine = LatentEncoder(vae, precision="bf16", channels_last=True)
+    assert engine.vae.dtype == torch.bfloat16
+    assert {k: (v.dtype, v.stride()) for k, v in vae.state_dict().items()} == before
+
+
+@pytest.mark.parametrize("shape", [(1, 16, 32, 48, 3), (1, 17, 30, 48, 3), (17, 32, 48, 3)])
+def test_clips_the_model_cannot_take_are_rejected_before_any_work(shape):
+    engine = LatentEncoder.load(CKPT, precision="fp32", device="cpu")
+    with pytest.raises(ClipRejected):
+        engine.encode(np.zeros(shape, np.uint8))
+
+
+@pytest.mark.parametrize("name", ["fp32", "tf32", "bf16"])
+def test_numerics_are_set_per_call_and_restored(name):
+    """fp32 means fp32: TF32 is off inside an fp32 encode, on only for the tf32 policy."""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    before = (cudnn.allow_tf32, cudnn.benchmark, matmul.allow_tf32)
+    with numerics(PRECISIONS[name]):
+        assert cudnn.allow_tf32 == matmul.allow_tf32 == (name == "tf32") and cudnn.benchmark
+    assert (cudnn.allow_tf32, cudnn.benchmark, matmul.allow_tf32) == before

@@ -72,6 +72,27 @@ class ResnetBlock3D(_ResnetBlock):
                          lambda i, o: CausalConv3d(i, o, 1, padding=0))
 
 
+# At most this many bytes of attention scores exist at once (float32 upper bound): the query
+# positions of a frame are processed in blocks, so attention memory is O(positions), not O(N^2).
+SCORE_BYTES = 256 << 20
+
+
+def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, score_bytes: int = SCORE_BYTES):
+    """Exact softmax(q k^T / sqrt(d)) v for (frames, 1, N, d) tensors, queries in blocks.
+
+    4-D inputs let CUDA pick a memory-efficient SDPA kernel (3-D ones fall back to the math path,
+    which materialises every N x N score matrix; head dim 512/768 rules out FlashAttention);
+    should the math path run anyway, the blocks bound what it materialises."""
+    frames, _, n, _ = q.shape
+    rows = max(1, score_bytes // (4 * frames * n))
+    if rows >= n:
+        return F.scaled_dot_product_attention(q, k, v)
+    out = torch.empty_like(q)
+    for start in range(0, n, rows):
+        out[:, :, start:start + rows] = F.scaled_dot_product_attention(q[:, :, start:start + rows], k, v)
+    return out
+
+
 class Attention(nn.Module):
     """Single-head spatial self-attention inside each frame (official `AttnBlock3DFix`)."""
 
@@ -84,10 +105,10 @@ class Attention(nn.Module):
         b, c, t, h, w = x.shape
         n = self.norm(x)
 
-        def tokens(conv):  # (B, C, T, H, W) -> (B*T, H*W, C)
-            return conv(n).permute(0, 2, 3, 4, 1).reshape(b * t, h * w, c)
+        def tokens(conv):  # (B, C, T, H, W) -> (B*T, 1 head, H*W, C)
+            return conv(n).permute(0, 2, 3, 4, 1).reshape(b * t, 1, h * w, c)
 
-        o = F.scaled_dot_product_attention(tokens(self.q), tokens(self.k), tokens(self.v))
+        o = blocked_attention(tokens(self.q), tokens(self.k), tokens(self.v))
         o = o.reshape(b, t, h, w, c).permute(0, 4, 1, 2, 3)
         return x + self.proj_out(o)
 
