@@ -7,29 +7,11 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from encoder_service import options
 from encoder_service.ingest.decoders import VideoError, get_decoder, probe
-from encoder_service.ingest.transforms import resize_and_crop, to_model_input
+from encoder_service.ingest.geometry import plan_geometry
 from encoder_service.model import CheckpointError, WFVAE
 from encoder_service.quality import psnr, ssim
-
-DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16}
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size must look like 256x256 (HxW), got {text!r}") from None
-    if h % 8 or w % 8 or h <= 0 or w <= 0:
-        raise argparse.ArgumentTypeError(f"size {text} must be multiples of 8 (e.g. {h // 8 * 8 or 8}x{w // 8 * 8 or 8})")
-    return h, w
-
-
-def parse_frames(text: str) -> int:
-    n = int(text)
-    if n < 1 or (n - 1) % 4:
-        raise argparse.ArgumentTypeError(f"--frames must be 4k+1 (1, 5, 9, ..., 33), got {n}")
-    return n
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,29 +23,38 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("video")
         s.add_argument("--checkpoint", required=True, help="WF-VAE folder or weights file")
         s.add_argument("--config", help="preset name or config.json, if none sits next to the weights")
-        s.add_argument("--frames", type=parse_frames, default=33, help="clip length, 4k+1 (default 33)")
+        s.add_argument("--frames", type=options.frames, default=33, help="clip length, 4k+1 (default 33)")
         s.add_argument("--stride", type=int, default=1, help="take every n-th frame (default 1)")
         s.add_argument("--start", type=int, default=0, help="first frame index (default 0)")
-        s.add_argument("--size", type=parse_size, default=(256, 256), help="HxW after resize + centre crop")
-        s.add_argument("--decoder", choices=["decord", "pyav"], default="decord")
-        s.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+        s.add_argument("--size", type=options.size, default=(256, 256), help="HxW after resize + centre crop")
+        s.add_argument("--decoder", choices=options.DECODERS, default="pyav")
+        s.add_argument("--dtype", type=options.dtype, default="fp32", help=f"one of {', '.join(options.DTYPES)}")
         s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-        s.add_argument("--chunk-frames", type=int, help="encode with the causal cache, N frames at a time")
+        s.add_argument("--chunk-frames", type=options.chunk_frames, help="encode with the causal cache, N frames at a time")
         s.add_argument("--out", required=True)
     sub.choices["reconstruct"].add_argument("--chunk-latents", type=int, help="decode M latent frames at a time")
     return p
 
 
 def load_clip(args) -> tuple[np.ndarray, list[int], float]:
-    decoder = get_decoder(args.decoder)
+    """uint8 (T, H, W, 3) frames as the job would make them (ingest/geometry.py)."""
     info = probe(args.video)
     indices = list(range(args.start, args.start + args.frames * args.stride, args.stride))
     if indices[-1] >= info.num_frames:
         raise VideoError(f"{args.video}: has {info.num_frames} frames, needs {indices[-1] + 1} for "
                          f"--frames {args.frames} --stride {args.stride} --start {args.start}; "
                          "lower --frames or --stride")
-    frames, _ = resize_and_crop(decoder.frames(args.video, indices), args.size)
+    geometry = plan_geometry((info.height, info.width), info.rotation, args.size)
+    _, frames = next(get_decoder(args.decoder).clips(args.video, info, [indices], geometry, None))
     return frames, indices, info.fps / args.stride
+
+
+def to_model_input(frames: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 (T, H, W, 3) or (B, T, H, W, 3) -> float (B, 3, T, H, W) in [-1, 1]."""
+    x = torch.as_tensor(frames)
+    if x.ndim == 4:
+        x = x.unsqueeze(0)
+    return x.permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0
 
 
 def write_video(path: str, frames: np.ndarray, fps: float) -> None:
@@ -81,12 +72,12 @@ def write_video(path: str, frames: np.ndarray, fps: float) -> None:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        vae = WFVAE.from_pretrained(args.checkpoint, config=args.config, dtype=DTYPES[args.dtype], device=args.device)
+        vae = WFVAE.from_pretrained(args.checkpoint, config=args.config, dtype=args.dtype, device=args.device)
         frames, indices, clip_fps = load_clip(args)
     except (CheckpointError, VideoError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    x = to_model_input(frames).to(args.device, DTYPES[args.dtype])
+    x = to_model_input(frames).to(args.device, args.dtype)
     posterior = vae.encode(x, chunk_frames=args.chunk_frames)
     if args.command == "encode":
         meta = {"video": args.video, "frame_indices": json.dumps(indices), "checkpoint_sha256": vae.checkpoint_sha256,

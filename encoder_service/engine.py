@@ -12,6 +12,7 @@ anything raised while computing is a fault of the machine or the code, not of th
 """
 import contextlib
 import copy
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -82,7 +83,9 @@ class LatentEncoder:
     @torch.no_grad()
     def encode(self, frames: np.ndarray | torch.Tensor) -> Encoded:
         """uint8 (B, T, H, W, 3) -> posterior mean and logvar (B, z, t, h, w)."""
-        x = torch.as_tensor(frames)
+        with warnings.catch_warnings():  # frames may be a read-only view of a Ray object: only read here
+            warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+            x = torch.as_tensor(frames)
         if x.ndim != 5 or x.shape[-1] != 3:
             raise ClipRejected(f"expected clips as (B, T, H, W, 3) frames, got {tuple(x.shape)}")
         try:

@@ -25,7 +25,7 @@ DEFINITIONS = {
     "wfvae_frames_decoded": ("counter", "Frames decoded by ingest", ()),
     "wfvae_clips_encoded": ("counter", "Clips encoded into latents", ()),
     "wfvae_frames_encoded": ("counter", "Frames encoded into latents", ()),
-    "wfvae_latent_bytes_written": ("counter", "Bytes of latent tensors (mean and logvar) committed to shards", ()),
+    "wfvae_latent_bytes_written": ("counter", "Bytes of latent data files (Parquet) committed", ()),
     "wfvae_latents_written": ("counter", "Latent rows committed to shards", ()),
     "wfvae_shards": ("counter", "Shards by outcome: done, skipped (already complete), failed", ("status",)),
     "wfvae_errors": ("counter", "Error-ledger rows by stage and reason", ("stage", "reason")),

@@ -11,7 +11,10 @@ def pattern(i: int, h: int, w: int) -> np.ndarray:
 
 
 def write_video(path: Path, frames: int = 20, h: int = 64, w: int = 80, fps: int = 24, codec: str = "libx264",
-                container_format: str | None = None, gop: int | None = None) -> Path:
+                container_format: str | None = None, gop: int | None = None, rotation: int = 0,
+                start: int = 0) -> Path:
+    """An encoded video of `pattern` frames start.. start+frames-1, stored h x w; `rotation`: the
+    display matrix's counter-clockwise degrees (a phone video shot in portrait)."""
     import av
     with av.open(str(path), "w", format=container_format) as c:
         s = c.add_stream(codec, rate=fps)
@@ -19,9 +22,22 @@ def write_video(path: Path, frames: int = 20, h: int = 64, w: int = 80, fps: int
         s.options = {"crf": "18"} if codec == "libx264" else {}
         if gop:
             s.options = {**s.options, "g": str(gop)}
-        for i in range(frames):
-            c.mux(s.encode(__import__("av").VideoFrame.from_ndarray(pattern(i, h, w), format="rgb24")))
+        if rotation:
+            s.set_display_rotation(rotation)
+        for i in range(start, start + frames):
+            c.mux(s.encode(av.VideoFrame.from_ndarray(pattern(i, h, w), format="rgb24")))
         c.mux(s.encode())
+    return path
+
+
+def write_size_change_video(path: Path, small: tuple[int, int], large: tuple[int, int], frames: int = 12) -> Path:
+    """An MPEG-TS stream whose header says `small` and that switches to `large` frames halfway
+    (two H.264 segments back to back, as a stream spliced from two sources is)."""
+    first = write_video(path.with_suffix(".a.ts"), frames, *small, container_format="mpegts")
+    second = write_video(path.with_suffix(".b.ts"), frames, *large, container_format="mpegts", start=frames)
+    path.write_bytes(first.read_bytes() + second.read_bytes())
+    first.unlink()
+    second.unlink()
     return path
 
 

@@ -1,5 +1,6 @@
 """Storage access for local paths, s3:// and any fsspec URL, with retries for flaky object stores."""
 import hashlib
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -19,6 +20,15 @@ class StorageOptions:
         if self.endpoint_url:
             opts["client_kwargs"] = {**opts.get("client_kwargs", {}), "endpoint_url": self.endpoint_url}
         return opts
+
+
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s:@]+(:[^/\s@]*)?@")
+_SIGNED = re.compile(r"(?i)\b(X-Amz-(?:Credential|Signature|Security-Token)|AWSAccessKeyId|Signature)=[^&\s]+")
+
+
+def scrub(text: str) -> str:
+    """The text with credentials in URLs (user:password@, signed-URL parameters) replaced by ***."""
+    return _SIGNED.sub(r"\1=***", _USERINFO.sub(r"\1***@", text))
 
 
 def filesystem(url: str, options: StorageOptions | None = None):

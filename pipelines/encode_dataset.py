@@ -6,29 +6,39 @@
     python pipelines/encode_dataset.py --demo        # local Ray, generated videos, tiny checkpoint
 
 Argument parsing and wiring only; the logic lives in encoder_service.job.
+Exit status: 0 done, 1 some shards failed (retried by the next run) or the run could not finish,
+2 a mistake in the options or paths (found before Ray starts).
 """
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from encoder_service.job.config import load_config
+from encoder_service.job.plan import JobError
 
-from encoder_service.job.config import load_config  # noqa: E402
+DEMO_OUTPUT = Path(__file__).resolve().parents[1] / "demo_output"
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--demo" in argv:
         from encoder_service.job.demo import demo_arguments
-        root = Path(__file__).resolve().parents[1] / "demo_output"
-        argv = demo_arguments(root) + [a for a in argv if a != "--demo"]
-    cfg, _ = load_config(argv)
-    if cfg.dry_run:
-        from encoder_service.job.dryrun import dry_run
-        dry_run(cfg)
-        return 0
-    from encoder_service.job.run import run_job
-    summary = run_job(cfg)
-    return 1 if summary["shards_failed"] else 0
+        argv = demo_arguments(DEMO_OUTPUT) + [a for a in argv if a != "--demo"]
+    cfg = load_config(argv)
+    try:
+        if cfg.dry_run:
+            from encoder_service.job.dryrun import dry_run
+            dry_run(cfg)
+            return 0
+        from encoder_service.job.run import JobFailed, run_job
+        try:
+            record = run_job(cfg)
+        except JobFailed as exc:
+            print(f"encode_dataset.py: the run failed: {exc}", file=sys.stderr)
+            return 1
+    except JobError as exc:
+        print(f"encode_dataset.py: error: {exc}", file=sys.stderr)
+        return 2
+    return 1 if record["shards_failed"] else 0
 
 
 if __name__ == "__main__":

@@ -78,12 +78,28 @@ def ray_head(*extra_args, env=None):
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         wait_http(f"http://127.0.0.1:{dash}/api/version", timeout=90)
+        wait_job_agent(f"http://127.0.0.1:{dash}")
         yield f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}"
     finally:
         stop(head)
         stale = "/tmp/ray/ray_current_cluster"  # would make a later plain ray.init() join the dead head
         if os.path.exists(stale):
             os.unlink(stale)
+
+
+def wait_job_agent(dashboard: str, timeout: float = 120.0) -> None:
+    """Until the head's job agent answers: the dashboard comes up first, and a `ray job submit`
+    sent before the agent is ready fails with "No available agent to submit job"."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(dashboard + "/api/jobs/", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"the Ray job agent at {dashboard} did not come up within {timeout}s")
 
 
 def stop(proc: subprocess.Popen) -> None:

@@ -3,9 +3,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from encoder_service.cli import main
+from encoder_service.cli import main, to_model_input
 from encoder_service.ingest.decoders import get_decoder, probe
-from encoder_service.ingest.transforms import resize_and_crop, to_model_input
+from encoder_service.ingest.geometry import plan_geometry
 from encoder_service.samples import write_video
 
 
@@ -19,7 +19,9 @@ def test_encode_writes_the_latents_of_those_frames(tmp_path, video, golden_dir, 
     out = tmp_path / "lat.safetensors"
     assert main(["encode", str(video), "--checkpoint", str(golden_dir), "--frames", "9", "--stride", "2",
                  "--size", "32x48", "--decoder", decoder, "--out", str(out)]) == 0
-    frames, _ = resize_and_crop(get_decoder("pyav").frames(video, list(range(0, 18, 2))), (32, 48))
+    info = probe(video)
+    _, frames = next(get_decoder("pyav").clips(video, info, [list(range(0, 18, 2))],
+                                               plan_geometry((info.height, info.width), 0, (32, 48)), None))
     expected = golden_vae().encode(to_model_input(frames))
     saved = load_file(out)
     assert saved["mean"].shape == (1, 16, 3, 4, 6)

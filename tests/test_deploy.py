@@ -96,7 +96,7 @@ def test_rayjob_runs_the_encode_job_on_the_cluster():
 
 
 def test_job_config_is_accepted_by_the_job():
-    cfg, _ = load_config(["--config-file", str(KUBERAY / "job.yaml")])
+    cfg = load_config(["--config-file", str(KUBERAY / "job.yaml")])
     cfg.sampling()
     workers = resources()["RayCluster"]["spec"]["workerGroupSpecs"][0]
     assert cfg.precision == "bf16" and cfg.num_gpus == workers["maxReplicas"]

@@ -1,9 +1,11 @@
-"""The Ray job end to end on a real local Ray cluster (CPU actors), real shards and real videos."""
+"""The Ray job end to end on a real local Ray cluster that declares one logical GPU, with real shards
+and real videos: the GPU scheduling path (--num-gpus 1, the encoder on --device cpu) and the CPU one
+give the same bytes; exactly-once commits, resume, faults that are not the input's."""
 import json
 import os
 import shutil
 
-import numpy as np
+import pyarrow.dataset
 import pyarrow.parquet as pq
 import pytest
 import ray
@@ -11,23 +13,26 @@ import torch
 
 from conftest import GOLDEN
 from encoder_service import WFVAE
-from encoder_service.ingest.clips import IngestConfig, ingest_shard
+from encoder_service.ingest.clips import IngestConfig, IngestedClip, ingest_shard
 from encoder_service.job.config import load_config
-from encoder_service.job.run import run_job
+from encoder_service.job.faults import ENV as FAULTS
+from encoder_service.job.run import JobFailed, run_job
 from encoder_service.samples import write_tar, write_video
-from encoder_service.shards import LatentShardDataset
-from encoder_service.shards.schema import decode_tensor
+from encoder_service.shards import LatentShardDataset, decode_tensor
 from services import make_bucket, s3_server  # noqa: F401
 
 CKPT = str(GOLDEN / "weights.safetensors")
 pytestmark = pytest.mark.slow
+# 3 shards x (3 videos of 20, 26, 32 frames -> 2 + 2 + 3 non-overlapping 9-frame clips, and one broken sample)
+CLIPS_PER_SHARD = 7
 
 
 @pytest.fixture(scope="module", autouse=True)
 def local_ray():
     # workers inherit the driver's environment: credentials for the local S3 server must be set first
     os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, num_gpus=1, include_dashboard=False, ignore_reinit_error=True,
+             log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -46,52 +51,68 @@ def shards(tmp_path_factory):
 
 
 def job(inp, out, *extra):
-    cfg, _ = load_config(["--input", str(inp), "--output", str(out), "--checkpoint", CKPT, "--num-frames", "9",
-                          "--size", "32x32", "--clips-per-video", "all", "--num-gpus", "0", "--precision", "fp32",
-                          "--batch-size", "2", "--progress-every-s", "1000", "--metrics-linger-s", "0", *extra])
+    cfg = load_config(["--input", str(inp), "--output", str(out), "--checkpoint", CKPT, "--num-frames", "9",
+                       "--size", "32x32", "--clips-per-video", "all", "--num-gpus", "1", "--device", "cpu",
+                       "--precision", "fp32", "--batch-size", "2", "--progress-every-s", "1000",
+                       "--metrics-linger-s", "0", *extra])
     return run_job(cfg)
 
 
-def files(out):
-    return {p: open(os.path.join(out, p), "rb").read() for p in sorted(os.listdir(out)) if p.endswith(".parquet")}
+def files(out) -> dict[str, bytes]:
+    """Every data, ledger and manifest file of an output folder, by relative path."""
+    out = str(out)
+    found = {}
+    for folder in ("latents", "errors", "_manifests"):
+        for name in sorted(os.listdir(os.path.join(out, folder))):
+            found[f"{folder}/{name}"] = open(os.path.join(out, folder, name), "rb").read()
+    return found
 
 
 @pytest.fixture(scope="module")
 def clean_run(shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("out")
-    summary = job(f"{shards}/shard-{{000000..000002}}.tar", out)
-    return out, summary
+    return out, job(f"{shards}/shard-{{000000..000002}}.tar", out)
 
 
-def test_rows_ledger_and_counts(clean_run, shards):
+def test_rows_ledger_and_counts(clean_run):
     out, summary = clean_run
     assert summary["shards_done"] == 3 and summary["shards_failed"] == 0
-    # 3 videos per shard of 20, 26, 32 frames at 9-frame clips: 2 + 2 + 3 non-overlapping clips
-    assert summary["clips"] == 21 and summary["latents"] == 21
+    assert summary["clips"] == summary["latents"] == 3 * CLIPS_PER_SHARD
     assert summary["errors_by_reason"] == {"probe/corrupt": 3}
     for s in range(3):
-        part = pq.read_table(os.path.join(out, f"part-shard-{s:06d}.parquet"))
-        errors = pq.read_table(os.path.join(out, f"errors-shard-{s:06d}.parquet")).to_pylist()
-        manifest = json.load(open(os.path.join(out, f"part-shard-{s:06d}.manifest.json")))
-        assert part.num_rows == manifest["rows"] == 7 and len(errors) == manifest["error_rows"] == 1
+        manifest = json.load(open(out / "_manifests" / f"shard-{s:06d}.json"))
+        errors = pq.read_table(out / manifest["errors"]["name"]).to_pylist()
+        assert sum(f["rows"] for f in manifest["files"]) == manifest["latents"] == CLIPS_PER_SHARD
+        assert len(errors) == manifest["errors"]["rows"] == 1
         assert errors[0]["key"] == f"shard-{s:06d}/bad" and "shard-%06d.tar" % s in errors[0]["message"]
+    folder = json.load(open(out / "summary.json"))
+    assert folder["shards"] == 3 and folder["latents"] == 21 and folder["ledger_by_reason"] == {"probe/corrupt": 3}
+
+
+def test_gpu_scheduled_run_equals_the_cpu_run(clean_run, shards, tmp_path):
+    """--num-gpus 1 (an actor holding the cluster's logical GPU, encoding on --device cpu) and
+    --num-gpus 0 (CPU actors) write the same bytes."""
+    out, _ = clean_run
+    summary = job(f"{shards}/shard-{{000000..000002}}.tar", tmp_path / "cpu", "--num-gpus", "0")
+    assert summary["shards_done"] == 3
+    assert files(tmp_path / "cpu") == files(out)
 
 
 def test_latents_equal_a_direct_encode(clean_run, shards):
     out, _ = clean_run
     vae = WFVAE.from_pretrained(CKPT)
-    cfg, _ = load_config(["--input", "x", "--num-frames", "9", "--size", "32x32", "--clips-per-video", "all"])
-    clips = {r["key"]: r for kind, r in ingest_shard(str(shards / "shard-000001.tar"), IngestConfig(cfg.sampling()))
-             if kind == "clip"}
-    rows = {r["key"]: r for r in pq.read_table(os.path.join(out, "part-shard-000001.parquet")).to_pylist()}
+    cfg = load_config(["--input", "x", "--num-frames", "9", "--size", "32x32", "--clips-per-video", "all"])
+    clips = {i.clip.key: i for i in ingest_shard(str(shards / "shard-000001.tar"), IngestConfig(cfg.sampling()))
+             if isinstance(i, IngestedClip)}
+    rows = {r["key"]: r for r in pq.read_table(out / "latents" / "part-shard-000001-00000.parquet").to_pylist()}
     assert set(rows) == set(clips)
-    for key, clip in clips.items():
-        x = torch.from_numpy(clip["frames"]).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
-        expected = vae.encode(x)
+    for key, item in clips.items():
+        x = torch.from_numpy(item.frames).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
         got = decode_tensor(rows[key]["mean"], rows[key]["latent_shape"], rows[key]["latent_dtype"])
-        assert torch.allclose(got, expected.mean[0], atol=1e-5), key
-        assert rows[key]["frame_indices"] == clip["frame_indices"] and rows[key]["vae_sha256"]
+        assert torch.allclose(got, vae.encode(x).mean[0], atol=1e-5), key
+        assert rows[key]["frame_indices"] == item.clip.frame_indices and rows[key]["vae_sha256"]
     assert len(list(LatentShardDataset(str(out)))) == 21
+    assert pyarrow.dataset.dataset(str(out / "latents")).count_rows() == 21  # plain Parquet: latents only
 
 
 def test_rerun_changes_nothing(clean_run, shards):
@@ -100,32 +121,85 @@ def test_rerun_changes_nothing(clean_run, shards):
     summary = job(f"{shards}/shard-{{000000..000002}}.tar", out)
     assert summary["shards_skipped"] == 3 and summary["shards_done"] == 0
     assert files(out) == before
+    assert json.load(open(out / "summary.json"))["latents"] == 21  # the folder, not this no-op invocation
 
 
 def test_deleted_manifest_redoes_only_that_shard_identically(clean_run, shards):
     out, _ = clean_run
     before = files(out)
-    os.unlink(os.path.join(out, "part-shard-000002.manifest.json"))
+    os.unlink(out / "_manifests" / "shard-000002.json")
     summary = job(f"{shards}/shard-{{000000..000002}}.tar", out)
     assert summary["shards_done"] == 1 and summary["shards_skipped"] == 2
     assert files(out) == before
 
 
-def test_killed_actor_gives_the_same_output(clean_run, shards, tmp_path):
+def test_several_data_files_per_shard(clean_run, shards, tmp_path):
+    """Small data files: each shard's latents split over several files, all listed by its manifest,
+    the same rows as one file per shard."""
+    out, _ = clean_run
+    summary = job(f"{shards}/shard-000000.tar", tmp_path / "small", "--file-mb", "0.015")
+    manifest = json.load(open(tmp_path / "small" / "_manifests" / "shard-000000.json"))
+    assert summary["latents"] == CLIPS_PER_SHARD and len(manifest["files"]) > 2
+    split = pyarrow.dataset.dataset(str(tmp_path / "small" / "latents")).to_table().sort_by("key")
+    whole = pq.read_table(out / "latents" / "part-shard-000000-00000.parquet").sort_by("key")
+    assert split.column("key") == whole.column("key") and split.column("mean") == whole.column("mean")
+
+
+def test_killed_actor_gives_the_same_output(clean_run, shards, tmp_path, monkeypatch):
     out, _ = clean_run
     marker = tmp_path / "killed"
-    summary = job(f"{shards}/shard-*.tar", tmp_path / "out", "--inject-fault", f"kill-actor-after:2:{marker}")
+    monkeypatch.setenv(FAULTS, json.dumps({"kill_after_calls": 2, "marker": str(marker)}))
+    summary = job(f"{shards}/shard-*.tar", tmp_path / "out")
     assert marker.exists(), "the fault was injected"
     assert summary["shards_done"] == 3 and summary["latents"] == 21
     assert files(tmp_path / "out") == files(out)
 
 
-def test_nan_latents_are_rejected_not_written(shards, tmp_path):
-    summary = job(f"{shards}/shard-000000.tar", tmp_path / "out", "--inject-fault", "nan:/v1/")
+def test_a_fault_that_is_not_the_inputs_is_retried(clean_run, shards, tmp_path, monkeypatch):
+    """A RuntimeError while encoding (as a CUDA error would be) ends the actor; the unit is retried
+    in a fresh one and the output is the same."""
+    out, marker = clean_run[0], tmp_path / "raised"
+    monkeypatch.setenv(FAULTS, json.dumps({"raise_unit": "shard-000001/0", "times": 1, "marker": str(marker)}))
+    summary = job(f"{shards}/shard-*.tar", tmp_path / "out")
+    assert marker.read_text() == "shard-000001/0\n", "the fault was injected once"
+    assert summary["shards_done"] == 3 and summary["shards_failed"] == 0
+    assert files(tmp_path / "out") == files(out)
+
+
+def test_a_persistent_fault_fails_its_shard_uncommitted(clean_run, shards, tmp_path, monkeypatch):
+    out, marker = clean_run[0], tmp_path / "raised"
+    monkeypatch.setenv(FAULTS, json.dumps({"raise_unit": "shard-000001/0", "times": 5, "marker": str(marker)}))
+    summary = job(f"{shards}/shard-*.tar", tmp_path / "out")
+    assert summary["shards_done"] == 2 and list(summary["failed_shards"]) == ["shard-000001"]
+    assert "failed 2 times: RuntimeError: injected fault" in summary["failed_shards"]["shard-000001"]
+    assert marker.read_text().count("\n") == 2, "tried twice, then given up"
+    assert not (tmp_path / "out" / "_manifests" / "shard-000001.json").exists()
+    assert not any("shard-000001" in name for name in os.listdir(tmp_path / "out" / "latents"))
+    monkeypatch.delenv(FAULTS)
+    again = job(f"{shards}/shard-*.tar", tmp_path / "out")  # the next run redoes it, and only it
+    assert again["shards_done"] == 1 and again["shards_skipped"] == 2
+    assert files(tmp_path / "out") == files(out)
+
+
+def test_nan_latents_are_rejected_not_written(shards, tmp_path, monkeypatch):
+    monkeypatch.setenv(FAULTS, json.dumps({"nan_keys": "/v1/"}))
+    summary = job(f"{shards}/shard-000000.tar", tmp_path / "out")
     assert summary["errors_by_reason"]["encode/non_finite_latent"] == 2
-    keys = pq.read_table(tmp_path / "out" / "part-shard-000000.parquet").column("key").to_pylist()
+    keys = pyarrow.dataset.dataset(str(tmp_path / "out" / "latents")).to_table().column("key").to_pylist()
     assert keys and not any("/v1/" in k for k in keys)
     assert summary["clips"] == summary["latents"] + 2
+
+
+def test_a_gpu_actor_without_cuda_is_a_clear_error(shards, tmp_path):
+    """--device auto on an actor that holds a (logical) GPU where torch has no CUDA."""
+    with pytest.raises(JobFailed, match="holds GPU .* torch sees no CUDA device.*--device cpu"):
+        job(f"{shards}/shard-000000.tar", tmp_path / "out", "--device", "auto")
+
+
+def test_the_driver_receives_no_latents(clean_run):
+    """What reaches the driver is a few small records per unit: bounded per clip whatever the clip size."""
+    _, summary = clean_run
+    assert summary["driver_bytes_received"] / summary["clips"] < 4096
 
 
 def test_input_and_output_on_s3(shards, s3_server):  # noqa: F811
@@ -138,3 +212,25 @@ def test_input_and_output_on_s3(shards, s3_server):  # noqa: F811
     summary = job(f"{bucket}/in/shard-{{000000..000001}}.tar", f"{bucket}/latents", "--s3-endpoint-url", endpoint)
     assert summary["shards_done"] == 2 and summary["latents"] == 14
     assert len(list(LatentShardDataset(f"{bucket}/latents", storage=storage))) == 14
+    assert fs.exists("videos/latents/_manifests/shard-000001.json")
+
+
+def test_dry_run(shards, capsys):
+    from encoder_service.job.dryrun import dry_run
+    cfg = load_config(["--input", f"{shards}/shard-000000.tar", "--output", "unused", "--checkpoint", CKPT,
+                       "--num-frames", "9", "--size", "32x32", "--clips-per-video", "all", "--num-gpus", "0",
+                       "--precision", "fp32", "--dry-run", "20"])
+    report = dry_run(cfg)
+    assert report["clips"] == CLIPS_PER_SHARD and report["decode_frames_per_s_per_cpu"] > 0
+    assert "ingest CPUs per CPU encoder" in capsys.readouterr().out
+
+
+def test_leftovers_of_a_crashed_run_are_cleaned(clean_run, shards, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(clean_run[0], out)
+    (out / "_staging" / "shard-000002").mkdir(parents=True)
+    (out / "_staging" / "shard-000002" / "00000-dead.parquet").write_bytes(b"half")
+    (out / "latents" / "part-shard-000002-00000.parquet.tmp-0123").write_bytes(b"half")
+    job(f"{shards}/shard-{{000000..000002}}.tar", out)
+    assert not (out / "_staging").exists() or not any((out / "_staging").iterdir())
+    assert not any(".tmp-" in name for name in os.listdir(out / "latents"))

@@ -1,79 +1,125 @@
-"""One shard in, clip records and error records out (the clip record contract of the architecture).
+"""One shard in, clips (with their pixels) and ledger rows out.
 
-Every sample ends as at least one clip or exactly one error, every clip as a record or an error, so
-counts add up: samples = samples with clips + samples with errors.
+Per-sample isolation: whatever goes wrong while reading, probing, sampling or decoding one sample
+(a VideoError, a SampleError, or any other exception a hostile file provokes in a decoder)
+becomes that sample's ledger row, naming the shard and member, and the shard goes on. Only the
+shard itself failing to be readable (ShardUnavailable) or the machine running out of memory
+escape. Counts add up: every sample ends as clips and/or ledger rows, every member that is not
+used as a ledger row.
 """
 import json
 import os
 import time
 from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
 
 from encoder_service.ingest.decoders import VideoError, get_decoder, probe
+from encoder_service.ingest.geometry import plan_geometry
 from encoder_service.ingest.sampling import SampleError, SamplingConfig, choose_bucket, plan_clips
-from encoder_service.ingest.tar_stream import Sample, ShardReadError, iter_samples, shard_id_of
-from encoder_service.ingest.transforms import resize_and_crop
-from encoder_service.storage import StorageOptions
+from encoder_service.ingest.tar_stream import (Problem, Sample, ShardTruncated, ShardUnavailable, iter_samples,
+                                               shard_id_of)
+from encoder_service.options import format_dims
+from encoder_service.records import Clip, LedgerRow
+from encoder_service.storage import StorageOptions, scrub
+
+__all__ = ["IngestConfig", "IngestedClip", "ShardUnavailable", "ingest_shard"]
 
 
 @dataclass(frozen=True)
 class IngestConfig:
     sampling: SamplingConfig = SamplingConfig()
-    decoder: str = "decord"
+    decoder: str = "pyav"
     storage: StorageOptions | None = None
     spool_dir: str | None = None
+    threads: int = 1                  # decoder threads per ingest task
 
 
-def error_record(key: str, url: str, stage: str, reason: str, message: str) -> dict:
-    return {"key": key, "source_url": url, "stage": stage, "reason": reason, "message": message}
+@dataclass(frozen=True)
+class IngestedClip:
+    clip: Clip
+    frames: np.ndarray                # uint8 (T, H, W, 3)
+    decode_seconds: float             # this clip's share of its video's decode time
 
 
-def ingest_shard(url: str, cfg: IngestConfig):
-    """Yield ("clip", record) and ("error", record) pairs for one WebDataset shard."""
-    shard_id, decoder = shard_id_of(url), get_decoder(cfg.decoder)
+def ingest_shard(url: str, cfg: IngestConfig) -> Iterator[IngestedClip | LedgerRow]:
+    """Clips and ledger rows of one WebDataset shard, in shard order. Raises ShardUnavailable."""
+    shard_id, decoder = shard_id_of(url), get_decoder(cfg.decoder, cfg.threads)
     try:
-        for sample in iter_samples(url, cfg.storage, cfg.spool_dir):
-            yield from sample_clips(sample, shard_id, url, cfg.sampling, decoder)
-    except ShardReadError as exc:
+        for item in iter_samples(url, cfg.storage, cfg.spool_dir):
+            if isinstance(item, Problem):
+                yield LedgerRow(f"{shard_id}/{item.key}", url, "read", item.reason, item.message)
+            else:
+                yield from _isolated(item, shard_id, url, cfg.sampling, decoder)
+    except ShardTruncated as exc:
         if exc.partial is not None:
-            yield "error", error_record(f"{shard_id}/{exc.partial.key}", url, "read", "truncated_member", str(exc))
-        yield "error", error_record(shard_id, url, "read", exc.reason, str(exc))
+            yield LedgerRow(f"{shard_id}/{exc.partial.key}", url, "read", "truncated_member", str(exc))
+        yield LedgerRow(shard_id, url, "read", exc.reason, str(exc))
 
 
-def sample_clips(sample: Sample, shard_id: str, url: str, cfg: SamplingConfig, decoder):
+class _Stage:
+    """Where a sample is in its handling: an unexpected exception is ledgered under that stage."""
+    name = "read"
+
+
+def _isolated(sample: Sample, shard_id: str, url: str, cfg: SamplingConfig, decoder):
+    stage = _Stage()
+    try:
+        yield from _sample_clips(sample, shard_id, url, cfg, decoder, stage)
+    except MemoryError:
+        raise  # the machine, not the sample
+    except Exception as exc:  # noqa: BLE001 - anything a hostile sample provokes stays with the sample
+        where = f"{url}:{sample.video_member or sample.key}"
+        text = scrub(str(exc)).replace(sample.video_path or "\0", where)
+        yield LedgerRow(f"{shard_id}/{sample.key}", url, stage.name, "unexpected_error",
+                        f"{where}: {type(exc).__name__}: {text}")
+
+
+def _sample_clips(sample: Sample, shard_id: str, url: str, cfg: SamplingConfig, decoder, stage: _Stage):
     key = f"{shard_id}/{sample.key}"
+    for problem in sample.problems:
+        yield LedgerRow(f"{shard_id}/{problem.key}", url, "read", problem.reason, problem.message)
     if sample.video_path is None:
-        yield "error", error_record(key, url, "read", "no_video",
-                                    f"{url}:{sample.key}: no video member (one of mp4, webm, mkv, avi, mov)")
+        yield LedgerRow(key, url, "read", "no_video", f"{url}:{sample.key}: no video member (one of mp4, webm, "
+                        "mkv, avi, mov)")
         return
     where = f"{url}:{sample.video_member}"
+
+    def ledger(k, stage_name, exc):
+        return LedgerRow(k, url, stage_name, exc.reason, str(exc).replace(sample.video_path, where))
+
     if os.path.getsize(sample.video_path) == 0:
-        yield "error", error_record(key, url, "read", "empty", f"{where}: zero bytes; re-export the sample")
+        yield LedgerRow(key, url, "read", "empty", f"{where}: zero bytes; re-export the sample")
         return
+    stage.name = "probe"
+    start = time.perf_counter()
     try:
         info = probe(sample.video_path, cfg.max_pixels)
-        if info.num_frames == 0:
-            raise SampleError("no_frames", "contains no video frames")
-        bucket = choose_bucket(cfg, (info.height, info.width))
-        plans = plan_clips(cfg, info.num_frames, info.timestamps, key, bucket[0])
     except VideoError as exc:
-        yield "error", error_record(key, url, "probe", exc.reason, str(exc).replace(sample.video_path, where))
+        yield ledger(key, "probe", exc)
         return
+    stage.name = "sample"
+    try:
+        bucket = choose_bucket(cfg, info.display_hw)
+        plans = plan_clips(cfg, info.num_frames, info.timestamps, key, bucket[0])
     except SampleError as exc:
-        yield "error", error_record(key, url, "sample", exc.reason, f"{where}: {exc}")
+        yield LedgerRow(key, url, "sample", exc.reason, f"{where}: {exc}")
         return
-    metadata = json.dumps({**sample.metadata, **({"problems": sample.problems} if sample.problems else {})})
-    for i, indices in enumerate(plans):
-        start = time.perf_counter()
-        try:
-            frames = decoder.frames(sample.video_path, indices)
-        except VideoError as exc:
-            yield "error", error_record(f"{key}/{i}", url, "decode", exc.reason,
-                                        str(exc).replace(sample.video_path, where))
-            continue
-        frames, box = resize_and_crop(frames, bucket[1:])
-        decode_s = time.perf_counter() - start
-        yield "clip", {"key": f"{key}/{i}", "frames": frames, "source_url": url, "source_key": sample.key,
-                       "clip_index": i, "frame_indices": [int(v) for v in indices], "src_fps": info.fps,
-                       "clip_fps": cfg.fps or info.fps / cfg.stride, "src_hw": [info.height, info.width],
-                       "crop_box": list(box), "bucket": "x".join(map(str, bucket)), "metadata": metadata,
-                       "decode_s": decode_s}
+    stage.name = "decode"
+    geometry = plan_geometry((info.height, info.width), info.rotation, bucket[1:])
+    metadata = json.dumps({**sample.metadata, **({"notes": sample.notes} if sample.notes else {})})
+    done, last = set(), start
+    try:
+        for i, frames in decoder.clips(sample.video_path, info, plans, geometry, cfg.max_pixels):
+            done.add(i)
+            now = time.perf_counter()
+            clip = Clip(f"{key}/{i}", url, sample.key, i, [int(v) for v in plans[i]], info.fps,
+                        cfg.fps or info.fps / cfg.stride, list(info.display_hw), info.rotation,
+                        list(geometry.crop_box), format_dims(bucket), metadata)
+            yield IngestedClip(clip, frames, now - last)
+            last = now
+    except VideoError as exc:
+        for i in range(len(plans)):
+            if i not in done:
+                yield ledger(f"{key}/{i}", "decode", exc)

@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from encoder_service import options
+from encoder_service.ingest.decoders import is_variable_rate
+
 
 class SampleError(ValueError):
     """A video that yields no clip under the sampling options; `reason` groups it in the ledger."""
@@ -15,34 +18,27 @@ class SampleError(ValueError):
         self.reason = reason
 
 
-def parse_bucket(text: str) -> tuple[int, int, int]:
-    t, h, w = (int(v) for v in text.lower().split("x"))
-    if (t - 1) % 4 or h % 8 or w % 8:
-        raise ValueError(f"bucket {text}: frames must be 4k+1 and height, width multiples of 8")
-    return t, h, w
-
-
 @dataclass(frozen=True)
 class SamplingConfig:
     num_frames: int = 33
     fps: float | None = None           # resample to this rate by timestamp (handles variable frame rate)
     stride: int = 1                    # else take every stride-th frame
-    clips: str = "first"               # first | all | uniform:N | random:N
+    clips: options.ClipMode = options.ClipMode("first")
     seed: int = 0
     min_duration: float = 0.0          # seconds; shorter videos are refused
     size: tuple[int, int] | None = (256, 256)
     buckets: tuple[tuple[int, int, int], ...] = field(default=())  # (T, H, W); nearest aspect wins
     max_pixels: int = 3840 * 2160      # refuse larger videos from the header, before decoding
 
-    def __post_init__(self):
-        frames = [b[0] for b in self.buckets] or [self.num_frames]
-        if any(n < 1 or (n - 1) % 4 for n in frames):
-            raise ValueError(f"frames per clip must be 4k+1, got {frames}")
-        if not self.buckets and (self.size is None or self.size[0] % 8 or self.size[1] % 8):
-            raise ValueError(f"clip size must be multiples of 8, got {self.size}")
-        mode = self.clips.split(":")[0]
-        if mode not in ("first", "all", "uniform", "random") or (mode in ("uniform", "random") and ":" not in self.clips):
-            raise ValueError(f"clips must be first, all, uniform:N or random:N, got {self.clips!r}")
+    def __post_init__(self):  # values built in code get the same checks as options
+        options.frames(self.num_frames)
+        for b in self.buckets:
+            options.bucket(options.format_dims(b))
+        if not self.buckets:
+            options.size(options.format_dims(self.size or ()))
+        object.__setattr__(self, "clips", options.clip_mode(self.clips))
+        if self.stride < 1 or (self.fps is not None and self.fps <= 0):
+            raise options.OptionError(f"stride must be >= 1 and fps > 0, got stride {self.stride}, fps {self.fps}")
 
 
 def choose_bucket(cfg: SamplingConfig, src_hw: tuple[int, int]) -> tuple[int, int, int]:
@@ -51,14 +47,6 @@ def choose_bucket(cfg: SamplingConfig, src_hw: tuple[int, int]) -> tuple[int, in
         return (cfg.num_frames, *cfg.size)
     aspect = math.log(src_hw[1] / src_hw[0])
     return min(cfg.buckets, key=lambda b: (abs(math.log(b[2] / b[1]) - aspect), -b[1] * b[2]))
-
-
-def is_variable_rate(timestamps: np.ndarray, tolerance: float = 0.25) -> bool:
-    deltas = np.diff(timestamps)
-    if len(deltas) < 2:
-        return False
-    median = np.median(deltas)
-    return bool(median > 0 and np.max(np.abs(deltas - median)) > tolerance * median)
 
 
 def plan_clips(cfg: SamplingConfig, num_frames: int, timestamps: np.ndarray, key: str,
@@ -97,7 +85,7 @@ def _by_time(cfg, timestamps, clip_frames):
 
 
 def _select(cfg, candidates, key):
-    mode, _, count = cfg.clips.partition(":")
+    mode, count = cfg.clips.kind, cfg.clips.count
     if mode == "first":
         return candidates[:1]
     if mode == "all":  # non-overlapping, from the start
@@ -107,7 +95,7 @@ def _select(cfg, candidates, key):
                 chosen.append(c)
                 last_end = c[-1]
         return chosen
-    n = min(int(count), len(candidates))
+    n = min(count, len(candidates))
     if mode == "uniform":
         return [candidates[round(i * (len(candidates) - 1) / max(1, n - 1))] for i in range(n)] if n > 1 else candidates[:1]
     seed = int.from_bytes(hashlib.sha256(f"{cfg.seed}/{key}".encode()).digest()[:8], "little")

@@ -1,10 +1,16 @@
-"""Stream WebDataset samples out of a tar shard with bounded memory.
+"""Stream WebDataset samples out of a tar shard with bounded memory, losing nothing.
 
 Members are read sequentially (tar stream mode over an fsspec file, so s3:// and local paths work
 alike); video members are spooled to a temporary file in fixed-size blocks (decoders need a
 seekable file) and deleted once the sample has been handled; json/txt members are small and kept
 in memory (up to a cap). A sample is the run of consecutive members sharing a key (the member
 name up to the first dot of its base name, as in WebDataset).
+
+Nothing disappears silently: every member that is not used becomes a `Problem` (a link, a device
+file, a second video in one sample), keys are escaped so any tar name can be stored, a key seen
+again later in the shard is renamed `key#2`, `key#3`, ..., and a shard that ends inside a member
+or a header is reported as truncated. A shard that cannot be read (cannot be opened, or the store
+fails while streaming) raises ShardUnavailable: that is not a property of the data.
 """
 import json
 import os
@@ -16,27 +22,64 @@ from dataclasses import dataclass, field
 
 from encoder_service.storage import StorageOptions, filesystem
 
-VIDEO_EXTS = ("mp4", "webm", "mkv", "avi", "mov")
+VIDEO_EXTS = ("mp4", "webm", "mkv", "avi", "mov", "m4v", "ts")
 META_EXTS = ("json", "txt")
 SPOOL_BLOCK = 1 << 20
 MAX_META_BYTES = 1 << 20
 
 
 @dataclass
+class Problem:
+    """A member or a place in the shard that yields no sample: one ledger row each."""
+    key: str          # sample key, or the member name for member-level problems
+    reason: str
+    message: str
+
+
+@dataclass
 class Sample:
-    key: str
+    key: str                      # unique in the shard: base_key, or base_key#n for its n-th occurrence
+    base_key: str = ""
     video_path: str | None = None
     video_member: str | None = None
     metadata: dict = field(default_factory=dict)
-    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)      # metadata problems (the sample is still used)
+    problems: list[Problem] = field(default_factory=list)  # members of this sample that were not used
 
 
-class ShardReadError(Exception):
-    """The shard itself failed (cannot be opened, or is truncated); samples before it were yielded."""
+class ShardUnavailable(Exception):
+    """The shard could not be read (missing, no access, the store failed): retry in a later run."""
 
-    def __init__(self, reason: str, message: str, partial: Sample | None = None):
+
+class ShardTruncated(Exception):
+    """The shard is not a tar, or ends inside a member or a header; `partial` is the sample being
+    read then. A property of the data: the shard is committed with what came before."""
+
+    def __init__(self, reason: str, message: str, partial: Sample | None):
         super().__init__(message)
         self.reason, self.partial = reason, partial
+
+
+def safe_key(name: str) -> str:
+    """Any tar member name as a storable, unambiguous key: bytes that are not UTF-8 (tarfile keeps
+    them as surrogates) and the characters % and # are written %XX. Injective, so keys never merge,
+    and '#' is free for duplicate numbering."""
+    raw = name.encode("utf-8", "surrogateescape")
+    out, i = [], 0
+    while i < len(raw):
+        for size in (1, 2, 3, 4):
+            try:
+                char = raw[i:i + size].decode("utf-8")
+                break
+            except UnicodeDecodeError:
+                char = None
+        if char is None or char in "%#":
+            out.append(f"%{raw[i]:02X}")
+            i += 1
+        else:
+            out.append(char)
+            i += size
+    return "".join(out)
 
 
 def split_key(name: str) -> tuple[str, str]:
@@ -50,62 +93,114 @@ def shard_id_of(url: str) -> str:
     return base[:-4] if base.endswith(".tar") else base
 
 
-def iter_samples(url: str, storage: StorageOptions | None = None, spool_dir: str | None = None):
-    """Yield Samples in shard order. Spool files live until the consumer asks for the next sample.
+class _HeaderWatch(tarfile.TarInfo):
+    """Records why tarfile stopped reading headers: it ends iteration silently on a truncated or
+    garbled header, which would drop every later member without a word."""
 
-    Raises ShardReadError (after yielding every complete sample before the problem) when the shard
-    cannot be opened or ends in the middle of a member.
-    """
+    @classmethod
+    def fromtarfile(cls, tar):
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.EOFHeaderError:
+            raise  # the end-of-archive marker: a proper end
+        except tarfile.HeaderError as exc:
+            tar.header_problem = f"{type(exc).__name__}: {exc}"
+            raise
+
+
+def iter_samples(url: str, storage: StorageOptions | None = None, spool_dir: str | None = None):
+    """Yield Samples (and Problems for members outside any usable sample) in shard order. Spool
+    files live until the consumer asks for the next item.
+
+    Raises ShardUnavailable when the shard cannot be opened or read, ShardTruncated (after
+    yielding everything before the cut) when it ends inside a member or a header."""
     try:
         fs, path = filesystem(url, storage)
         handle = fs.open(path, "rb", block_size=8 << 20)
     except Exception as exc:  # noqa: BLE001 - every way of failing to open is reported the same way
-        raise ShardReadError("unreadable_shard", f"{url}: cannot be opened ({exc}); check the URL and credentials")
+        raise ShardUnavailable(f"{url}: cannot be opened ({type(exc).__name__}: {exc}); check the URL and "
+                               "credentials; the shard is retried by the next run") from exc
     spool = tempfile.mkdtemp(prefix="wfvae-spool-", dir=spool_dir)
-    current = None
+    current, seen, started, header_problem = None, {}, False, None
     try:
-        with handle, tarfile.open(fileobj=handle, mode="r|*") as tar:
+        with handle, tarfile.open(fileobj=handle, mode="r|*", tarinfo=_HeaderWatch) as tar:
+            started = True
             for member in tar:
-                if not member.isfile():
+                if member.isdir():
                     continue
-                key, ext = split_key(member.name)
-                if current is not None and key != current.key:
+                key, ext = split_key(safe_key(member.name))
+                if current is not None and key != current.base_key:
                     yield current
                     _discard(current)
                     current = None
-                current = current or Sample(key)
-                _take_member(tar, member, ext, current, spool)
-        if current is not None:
+                if not member.isfile():
+                    yield Problem(safe_key(member.name), "link_member" if member.islnk() or member.issym()
+                                  else "not_a_file", f"{url}:{safe_key(member.name)}: a {_kind(member)} member, "
+                                  "not a file; store the file itself")
+                    continue
+                if current is None:
+                    seen[key] = seen.get(key, 0) + 1
+                    current = Sample(key if seen[key] == 1 else f"{key}#{seen[key]}", base_key=key)
+                _take_member(tar, member, ext, current, spool, url)
+            header_problem = getattr(tar, "header_problem", None)
+        if current is not None:  # complete: the problem, if any, is in a later header
             yield current
-    except (tarfile.TarError, EOFError, OSError) as exc:
-        raise ShardReadError("truncated_shard", f"{url}: unreadable after sample "
-                             f"{current.key if current else '(start)'} ({exc}); re-upload the shard",
-                             partial=current) from exc
+            last, current = current.key, None
+        else:
+            last = "(start)"
+        if header_problem:
+            raise ShardTruncated("truncated_shard", f"{url}: the tar breaks after sample {last} (unreadable header: "
+                                 f"{header_problem}); later members are lost: re-upload the shard", None)
+    except (tarfile.TarError, EOFError) as exc:
+        if not started:
+            raise ShardTruncated("not_a_tar", f"{url}: not a tar archive ({exc}); WebDataset shards are tar "
+                                 "files", None) from exc
+        after = current.key if current else "(start)"
+        raise ShardTruncated("truncated_shard", f"{url}: the tar ends or breaks inside sample {after} ({exc}); "
+                             "later members are lost: re-upload the shard", current) from exc
+    except OSError as exc:
+        raise ShardUnavailable(f"{url}: reading failed ({type(exc).__name__}: {exc}); the shard is "
+                               "retried by the next run") from exc
     finally:
         shutil.rmtree(spool, ignore_errors=True)
 
 
-def _take_member(tar, member, ext, sample: Sample, spool: str) -> None:
+def _kind(member: tarfile.TarInfo) -> str:
+    return {tarfile.SYMTYPE: "symbolic link", tarfile.LNKTYPE: "hard link", tarfile.CHRTYPE: "character device",
+            tarfile.BLKTYPE: "block device", tarfile.FIFOTYPE: "FIFO"}.get(member.type, f"type {member.type!r}")
+
+
+def _take_member(tar, member, ext, sample: Sample, spool: str, url: str) -> None:
     source = tar.extractfile(member)
-    if ext in VIDEO_EXTS and sample.video_path is None:
-        fd, target = tempfile.mkstemp(suffix="." + ext, dir=spool)
+    name = safe_key(member.name)
+    ext = ext.rpartition(".")[2]  # "video.mp4" is a video too
+    if ext in VIDEO_EXTS and sample.video_path is not None:
+        sample.problems.append(Problem(name, "extra_video_member", f"{url}:{name}: a second video in sample "
+                                       f"{sample.key} ({sample.video_member} is used); give each video its own key"))
+    elif ext in VIDEO_EXTS:
+        fd, target = tempfile.mkstemp(suffix="." + ext, dir=spool)  # (decoders probe the content)
         with os.fdopen(fd, "wb") as out:
             shutil.copyfileobj(source, out, SPOOL_BLOCK)
         if os.path.getsize(target) != member.size:
-            raise EOFError(f"member {member.name} ends early")
-        sample.video_path, sample.video_member = target, member.name
+            raise EOFError(f"member {name} ends early")
+        sample.video_path, sample.video_member = target, name
     elif ext in META_EXTS:
-        if member.size > MAX_META_BYTES:
-            sample.problems.append(f"{member.name}: {member.size} bytes of metadata, over the 1 MiB cap; ignored")
-            return
-        text = source.read().decode("utf-8", errors="replace")
-        if ext == "json":
-            try:
-                sample.metadata["json"] = json.loads(text)
-            except json.JSONDecodeError:
-                sample.metadata["json_raw"] = text
-        else:
-            sample.metadata["txt"] = text
+        _take_metadata(source, member, ext, sample, name)
+
+
+def _take_metadata(source, member, ext, sample: Sample, name: str) -> None:
+    if member.size > MAX_META_BYTES:
+        sample.notes.append(f"{name}: {member.size} bytes of metadata, over the 1 MiB cap; ignored")
+        return
+    text = source.read().decode("utf-8", errors="replace")
+    if ext == "txt":
+        sample.metadata["txt"] = text
+        return
+    try:
+        sample.metadata["json"] = json.loads(text)
+    except (ValueError, RecursionError) as exc:  # invalid, or nested deeper than Python recurses
+        sample.metadata["json_raw"] = text
+        sample.notes.append(f"{name}: not usable JSON ({type(exc).__name__}); kept as json_raw")
 
 
 def _discard(sample: Sample) -> None:

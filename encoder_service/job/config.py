@@ -1,92 +1,139 @@
-"""Job options: one dataclass, filled from the command line and/or a YAML/JSON config file."""
+"""Job options: one dataclass; each field carries its help text and its parser (encoder_service.options),
+and the command line and the YAML/JSON config file are both read through them. A value that does
+not parse is an argparse usage error: exit 2, one line, before anything starts."""
 import argparse
 import hashlib
 import json
-import typing
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 import yaml
 
-from encoder_service.ingest.sampling import SamplingConfig, parse_bucket
+from encoder_service import options
+from encoder_service.ingest.sampling import SamplingConfig
 
-PIPELINE_VERSION = "0.1.0"
+PIPELINE_VERSION = "0.2.0"
+
+
+def _number(kind, lo=None, hi=None, what="value"):
+    def parse(text):
+        try:
+            value = kind(text)
+        except (TypeError, ValueError):
+            raise options.OptionError(f"{what} must be a number, got {text!r}") from None
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            raise options.OptionError(f"{what} must be in [{lo}, {hi}], got {text!r}")
+        return value
+    parse.__name__ = what
+    return parse
+
+
+def option(default, help, parse=None, many=False):
+    """A job option: default, help text, parser of one (command-line or config-file) value."""
+    kwargs = {"default_factory": list} if default is list else {"default": default}
+    return field(**kwargs, metadata={"help": help, "parse": parse, "many": many})
 
 
 @dataclass
 class JobConfig:
-    input: list[str] = field(default_factory=list)
-    output: str = ""
-    checkpoint: str = ""
-    model_config: str | None = None
-    num_frames: int = 33
-    size: str = "256x256"
-    buckets: list[str] = field(default_factory=list)
-    fps: float | None = None
-    stride: int = 1
-    clips_per_video: str = "first"
-    seed: int = 0
-    min_duration: float = 0.0
-    max_pixels: int = 3840 * 2160
-    precision: str = "bf16"
-    batch_size: int = 4
-    chunk_frames: int | None = 16
-    num_gpus: int = 1
-    encoder_actors: int | None = None
-    ingest_cpus: float = 1.0
-    decoder: str = "decord"
-    s3_endpoint_url: str | None = None
-    overwrite: bool = False
-    max_shards: int | None = None
-    dry_run: int | None = None
-    store_logvar: bool = True
-    verify_existing: str = "size"
-    ray_address: str | None = None
-    progress_every_s: float = 10.0
-    metrics_linger_s: float = 12.0
-    inject_fault: str | None = None  # test only: "kill-actor-after:N:MARKER_FILE" or "nan:KEY_SUBSTRING"
+    input: list[str] = option(list, "WebDataset shard URLs or patterns (local, s3://, fsspec; brace ranges like "
+                              "shard-{000000..000999}.tar)", str, many=True)
+    output: str = option("", "output folder: latents/, errors/, manifests, summary.json", str)
+    checkpoint: str = option("", "WF-VAE checkpoint folder or weights file", str)
+    model_config: str | None = option(None, "model config preset or config.json, if none sits next to the "
+                                      "checkpoint", str)
+    num_frames: int = option(33, "frames per clip, 4k+1", options.frames)
+    size: tuple[int, int] = option((256, 256), "clip size HxW (multiples of 8)", options.size)
+    buckets: list[tuple[int, int, int]] = option(list, "aspect-ratio buckets TxHxW (nearest aspect wins), "
+                                                 "instead of --num-frames/--size", options.bucket, many=True)
+    fps: float | None = option(None, "resample clips to this frame rate (by timestamp; handles variable frame "
+                               "rate)", _number(float, 1e-3, 1000, "fps"))
+    stride: int = option(1, "else take every n-th frame", _number(int, 1, 1000, "stride"))
+    clips_per_video: options.ClipMode = option(options.ClipMode("first"), "first | all | uniform:N | random:N",
+                                               options.clip_mode)
+    seed: int = option(0, "seed for random clip choice", _number(int, 0, 2 ** 63, "seed"))
+    min_duration: float = option(0.0, "refuse videos shorter than this (seconds)",
+                                 _number(float, 0, 1e6, "min duration"))
+    max_pixels: int = option(3840 * 2160, "refuse videos with more pixels per frame (header and every decoded "
+                             "frame)", _number(int, 64, 2 ** 31, "max pixels"))
+    decoder: str = option("pyav", "pyav | decord (both give the same pixels)",
+                          options.choice(options.DECODERS, "decoder"))
+    precision: str = option("bf16", "bf16 | fp32 (TF32 off) | tf32", options.choice(tuple(options.PRECISIONS),
+                                                                                      "precision"))
+    store_logvar: bool = option(True, "store the posterior log-variance too")
+    batch_size: int = option(4, "clips per encoder call", _number(int, 1, 1024, "batch size"))
+    chunk_frames: int | str | None = option(16, "frames per causal-cache chunk inside the encoder (bounds GPU "
+                                            "memory): a multiple of 4, auto (from free GPU memory) or none",
+                                            options.chunk_frames)
+    file_mb: float = option(32.0, "MiB of latents per data file; a file is what one encoder call writes, so "
+                            "its clips' frames (about 11x that in bf16) travel as one block",
+                            _number(float, 0.001, 4096, "file MiB"))
+    num_gpus: int = option(1, "GPUs for encoding, one encoder actor each; 0 encodes on CPU actors",
+                           _number(int, 0, 4096, "num gpus"))
+    device: str = option("auto", "auto: CUDA when the actor holds a GPU, cpu: encode on the CPU whatever the "
+                         "actor holds (tests, debugging), cuda: require CUDA",
+                         options.choice(options.DEVICES, "device"))
+    encoder_actors: int | None = option(None, "encoder actors (default: --num-gpus, or 1 on CPU)",
+                                        _number(int, 1, 4096, "encoder actors"))
+    encoder_cpus: float = option(1.0, "CPUs per encoder actor (its torch threads when encoding on CPU)",
+                                 _number(float, 0.1, 256, "encoder cpus"))
+    ingest_cpus: float = option(1.0, "CPUs per ingest task (one shard each; decoder threads = this, rounded)",
+                                _number(float, 0.1, 64, "ingest cpus"))
+    s3_endpoint_url: str | None = option(None, "S3-compatible endpoint for s3:// URLs", str)
+    overwrite: bool = option(False, "redo every shard, and let the folder take these settings")
+    max_shards: int | None = option(None, "process at most this many (pending) shards",
+                                    _number(int, 1, 2 ** 31, "max shards"))
+    dry_run: int | None = option(None, "encode N clips here, report rates and what to provision",
+                                 _number(int, 1, 100000, "dry run clips"))
+    verify_existing: str = option("size", "size | checksum: how finished shards are checked",
+                                  options.choice(options.VERIFY, "verify"))
+    qa_fraction: float = option(0.002, "fraction of clips re-encoded in fp32 and decoded for the quality report",
+                                _number(float, 0, 1, "qa fraction"))
+    ray_address: str | None = option(None, "Ray cluster address (default: RAY_ADDRESS or a local cluster)", str)
+    progress_every_s: float = option(10.0, "seconds between progress lines (without a terminal)",
+                                     _number(float, 0.1, 86400, "progress interval"))
+    metrics_linger_s: float = option(12.0, "seconds the driver waits at the end so Ray exports the last metric "
+                                     "values (Ray pushes metrics every 10 s)", _number(float, 0, 600, "linger"))
 
     def sampling(self) -> SamplingConfig:
-        h, w = (int(v) for v in self.size.lower().split("x"))
         return SamplingConfig(num_frames=self.num_frames, fps=self.fps, stride=self.stride,
                               clips=self.clips_per_video, seed=self.seed, min_duration=self.min_duration,
-                              size=(h, w), buckets=tuple(parse_bucket(b) for b in self.buckets),
-                              max_pixels=self.max_pixels)
+                              size=self.size, buckets=tuple(self.buckets), max_pixels=self.max_pixels)
 
     def actors(self) -> int:
         return self.encoder_actors or max(1, self.num_gpus)
 
-    def fingerprint(self) -> str:
-        """Hash of everything that changes the latents (not where they go or how fast)."""
-        keys = ("checkpoint", "model_config", "num_frames", "size", "buckets", "fps", "stride", "clips_per_video",
-                "seed", "min_duration", "max_pixels", "precision", "store_logvar")
-        return hashlib.sha256(json.dumps({k: getattr(self, k) for k in keys}, sort_keys=True).encode()).hexdigest()[:16]
+    def latent_settings(self, checkpoint_sha256: str, model: dict) -> dict:
+        """Everything that changes the latents (not where they go or how fast)."""
+        return {"checkpoint_sha256": checkpoint_sha256, "model": model, "num_frames": self.num_frames,
+                "size": options.format_dims(self.size), "buckets": [options.format_dims(b) for b in self.buckets],
+                "fps": self.fps, "stride": self.stride, "clips_per_video": str(self.clips_per_video),
+                "seed": self.seed, "min_duration": self.min_duration, "max_pixels": self.max_pixels,
+                "decoder": self.decoder, "precision": options.precision(self.precision).label,
+                "store_logvar": self.store_logvar}
 
 
-HELP = {
-    "input": "WebDataset shard URLs or patterns (local, s3://, fsspec; brace ranges like shard-{000000..000999}.tar)",
-    "output": "output folder for part-*.parquet, errors-*.parquet, manifests and run summaries",
-    "checkpoint": "WF-VAE checkpoint folder or weights file",
-    "model_config": "model config preset or config.json, if none sits next to the checkpoint",
-    "num_frames": "frames per clip, 4k+1", "size": "clip size HxW (multiples of 8)",
-    "buckets": "aspect-ratio buckets TxHxW (nearest aspect wins), instead of --num-frames/--size",
-    "fps": "resample clips to this frame rate (by timestamp; handles variable frame rate)",
-    "stride": "else take every n-th frame", "clips_per_video": "first | all | uniform:N | random:N",
-    "seed": "seed for random clip choice", "min_duration": "refuse videos shorter than this (seconds)",
-    "max_pixels": "refuse videos with more pixels per frame (checked from the header)",
-    "precision": "bf16 | fp32", "batch_size": "clips per encoder call",
-    "chunk_frames": "frames per causal-cache chunk inside the encoder (bounds GPU memory)",
-    "num_gpus": "GPUs for encoding, one actor each; 0 encodes on CPU",
-    "encoder_actors": "encoder actors (default: --num-gpus, or 1 on CPU)",
-    "ingest_cpus": "CPUs per ingest task", "decoder": "decord | pyav",
-    "s3_endpoint_url": "S3-compatible endpoint for s3:// URLs", "overwrite": "redo shards that are already complete",
-    "max_shards": "process at most this many (pending) shards", "dry_run": "encode N clips, report rates and a plan",
-    "store_logvar": "store the posterior log-variance too", "verify_existing": "size | checksum: how to check finished shards",
-    "ray_address": "Ray cluster address (default: RAY_ADDRESS or a local cluster)",
-    "progress_every_s": "seconds between progress lines",
-    "metrics_linger_s": "seconds the driver waits at the end so Ray exports the last metric values "
-                        "(Ray pushes metrics every 10 s by default)", "inject_fault": argparse.SUPPRESS,
-}
+def fingerprint(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def to_json(cfg: JobConfig) -> dict:
+    """The options as the config file spells them."""
+    out = {}
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name in ("size",):
+            value = options.format_dims(value)
+        elif f.name == "buckets":
+            value = [options.format_dims(b) for b in value]
+        elif isinstance(value, options.ClipMode):
+            value = str(value)
+        out[f.name] = value
+    return out
+
+
+def _is_flag(f) -> bool:
+    return f.metadata["parse"] is None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,37 +142,68 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config-file", help="YAML or JSON file with any of these options (command line wins)")
     p.add_argument("--demo", action="store_true", help="make sample shards and run on them locally (CPU)")
     for f in fields(JobConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type == "bool" or isinstance(f.default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=HELP[f.name])
-        elif f.name in ("input", "buckets"):
-            p.add_argument(flag, nargs="+", default=None, help=HELP[f.name])
+        flag, meta = "--" + f.name.replace("_", "-"), f.metadata
+        default = f.default if f.default is not MISSING else f.default_factory()
+        help_text = f"{meta['help']} (default: {_shown(default)})"
+        if _is_flag(f):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
-            p.add_argument(flag, type=_base_type(f.type), default=None, help=HELP[f.name])
+            p.add_argument(flag, type=meta["parse"], nargs="+" if meta["many"] else None, default=None, help=help_text)
     return p
 
 
-def _base_type(annotation) -> type:
-    for kind in (int, float):
-        if annotation is kind or kind in typing.get_args(annotation):
-            return kind
-    return str
+def _shown(value) -> str:
+    if isinstance(value, tuple) and all(isinstance(v, int) for v in value):
+        return options.format_dims(value)
+    return str(value) if value not in ([], None) else "none"
 
 
-def load_config(argv=None) -> tuple[JobConfig, argparse.Namespace]:
-    args = build_parser().parse_args(argv)
+def load_config(argv=None) -> JobConfig:
+    """Options from the command line over the config file; argparse exits 2 on any bad value."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
     values = {}
     if args.config_file:
-        text = Path(args.config_file).read_text()
-        values = yaml.safe_load(text) or {}
-        unknown = set(values) - {f.name for f in fields(JobConfig)}
-        if unknown:
-            raise SystemExit(f"{args.config_file}: unknown options {sorted(unknown)}")
-    values.update({k: v for k, v in vars(args).items() if k in {f.name for f in fields(JobConfig)} and v is not None})
-    if isinstance(values.get("input"), str):
-        values["input"] = [values["input"]]
-    return JobConfig(**values), args
+        values = _read_config_file(parser, args.config_file)
+    values.update({k: v for k, v in vars(args).items() if k in _names() and v is not None})
+    return JobConfig(**values)
 
 
-def to_json(cfg: JobConfig) -> dict:
-    return asdict(cfg)
+def _names() -> set[str]:
+    return {f.name for f in fields(JobConfig)}
+
+
+def _read_config_file(parser: argparse.ArgumentParser, path: str) -> dict:
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        parser.error(f"--config-file {path}: {exc}")
+    if not isinstance(raw, dict):
+        parser.error(f"--config-file {path}: expected a mapping of option names to values")
+    unknown = sorted(set(raw) - _names())
+    if unknown:
+        parser.error(f"--config-file {path}: unknown options {unknown}")
+    by_name, values = {f.name: f for f in fields(JobConfig)}, {}
+    for name, value in raw.items():
+        f = by_name[name]
+        try:
+            values[name] = _parse_value(f, value)
+        except options.OptionError as exc:
+            parser.error(f"--config-file {path}: {name}: {exc}")
+    return values
+
+
+def _parse_value(f, value):
+    parse = f.metadata["parse"]
+    if parse is None:
+        if not isinstance(value, bool):
+            raise options.OptionError(f"must be true or false, got {value!r}")
+        return value
+    if value is None:
+        return None
+    if f.metadata["many"]:
+        return [parse(v) for v in (value if isinstance(value, list) else [value])]
+    return parse(value)
+
+
+__all__ = ["JobConfig", "PIPELINE_VERSION", "build_parser", "fingerprint", "load_config", "to_json"]

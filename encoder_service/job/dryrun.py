@@ -1,25 +1,32 @@
-"""--dry-run N: encode N clips on this machine, measure both sides, and say what to provision."""
+"""--dry-run N: ingest and encode N clips on this machine, measure both sides, say what to provision.
+
+Decoding runs exactly as an ingest task does (encoder_service.ingest, one decoder thread per
+--ingest-cpus), so "decode frames/s per CPU" is the figure to provision ingest CPUs by; the clips
+are then encoded in units and batches as the encoder actors would."""
 import time
 
+import numpy as np
+
 from encoder_service.engine import LatentEncoder
-from encoder_service.ingest.clips import IngestConfig, ingest_shard
+from encoder_service.ingest.clips import IngestConfig, IngestedClip, ingest_shard
 from encoder_service.job.config import JobConfig
-from encoder_service.job.plan import expand_inputs
+from encoder_service.job.plan import JobError, expand_inputs, model_identity
+from encoder_service.job.units import UnitBuilder, UnitPlan
 from encoder_service.storage import StorageOptions
 
 
 def dry_run(cfg: JobConfig) -> dict:
     storage = StorageOptions(endpoint_url=cfg.s3_endpoint_url)
     urls = expand_inputs(cfg.input, storage)
-    ingest = IngestConfig(cfg.sampling(), cfg.decoder, storage)
-    clips, samples_errors, shards_read, whole_shards, start = [], 0, 0, 0, time.perf_counter()
+    model, _, _ = model_identity(cfg)
+    ingest = IngestConfig(cfg.sampling(), cfg.decoder, storage, threads=max(1, round(cfg.ingest_cpus)))
+    clips, errors, whole_shards, start = [], 0, 0, time.perf_counter()
     for url in urls:
-        shards_read += 1
-        for kind, record in ingest_shard(url, ingest):
-            if kind == "clip":
-                clips.append(record)
+        for item in ingest_shard(url, ingest):
+            if isinstance(item, IngestedClip):
+                clips.append(item)
             else:
-                samples_errors += 1
+                errors += 1
             if len(clips) >= cfg.dry_run:
                 break
         else:
@@ -28,42 +35,48 @@ def dry_run(cfg: JobConfig) -> dict:
         break
     decode_s = time.perf_counter() - start
     if not clips:
-        raise SystemExit(f"dry run: no usable clip in {shards_read} shard(s) ({samples_errors} errors)")
+        raise JobError(f"dry run: no usable clip in the input ({errors} ledger rows)")
+    encode_s = _encode(cfg, clips)
+    return report(cfg, urls, clips, decode_s, encode_s, whole_shards, model)
+
+
+def _encode(cfg: JobConfig, clips: list[IngestedClip]) -> float:
     encoder = LatentEncoder.load(cfg.checkpoint, cfg.model_config, cfg.precision,
-                                 "cuda" if cfg.num_gpus > 0 else "cpu", cfg.chunk_frames)
-    by_shape = {}
-    for c in clips:
-        by_shape.setdefault(c["frames"].shape, []).append(c["frames"])
-    import numpy as np
-    encoder.encode(np.stack(next(iter(by_shape.values()))[:1]))  # warm-up
+                                 "cuda" if cfg.num_gpus > 0 and cfg.device != "cpu" else "cpu", cfg.chunk_frames)
+    builder = UnitBuilder("dry-run", UnitPlan.for_job(cfg, encoder.config.latent_dim))
+    units = [row.unit for item in clips for row in builder.add(item.clip, item.frames)] + \
+            [row.unit for row in builder.flush()]
+    first = np.frombuffer(units[0].frames, np.uint8).reshape(len(units[0].clips), *units[0].shape)
+    encoder.encode(first[:1])  # warm-up
     start = time.perf_counter()
-    for frames in by_shape.values():
-        for i in range(0, len(frames), cfg.batch_size):
-            encoder.encode(np.stack(frames[i:i + cfg.batch_size]))
-    encode_s = time.perf_counter() - start
-    return report(cfg, urls, clips, decode_s, encode_s, whole_shards)
+    for unit in units:
+        frames = np.frombuffer(unit.frames, np.uint8).reshape(len(unit.clips), *unit.shape)
+        for lo in range(0, len(frames), cfg.batch_size):
+            encoder.encode(frames[lo:lo + cfg.batch_size])
+    return time.perf_counter() - start
 
 
-def report(cfg, urls, clips, decode_s, encode_s, whole_shards) -> dict:
+def report(cfg, urls, clips, decode_s, encode_s, whole_shards, model) -> dict:
     n = len(clips)
-    frames = sum(len(c["frame_indices"]) for c in clips)
-    decode_per_clip, encode_per_clip = decode_s / n, encode_s / n
-    cpus_per_device = decode_per_clip / encode_per_clip
-    clips_per_shard = n / max(1, whole_shards) if whole_shards else None
-    device = "GPU" if cfg.num_gpus > 0 else "CPU encoder"
-    out = {"clips": n, "decode_frames_per_s_per_cpu": frames / decode_s, "decode_clips_per_s_per_cpu": n / decode_s,
+    frames = sum(len(c.clip.frame_indices) for c in clips)
+    cpus = max(1, round(cfg.ingest_cpus))
+    per_cpu = frames / decode_s / cpus
+    cpus_per_device = (decode_s / n) * cpus / (encode_s / n)
+    device = "GPU" if cfg.num_gpus > 0 and cfg.device != "cpu" else "CPU encoder"
+    out = {"clips": n, "decode_frames_per_s_per_cpu": per_cpu, "decode_clips_per_s_per_cpu": n / decode_s / cpus,
            "encode_clips_per_s_per_device": n / encode_s, "cpus_per_encoder_device": cpus_per_device,
            "input_shards": len(urls)}
-    print(f"[dry-run] {n} clips: decode {out['decode_frames_per_s_per_cpu']:.1f} frames/s per CPU "
-          f"({out['decode_clips_per_s_per_cpu']:.2f} clips/s), encode {out['encode_clips_per_s_per_device']:.2f} "
-          f"clips/s per {device}")
-    print(f"[dry-run] provision >= {cpus_per_device:.1f} decode CPUs per {device} to keep it busy; "
-          f"with {cfg.ingest_cpus:g} CPU(s) per ingest task that is {cpus_per_device / cfg.ingest_cpus:.1f} tasks")
-    if clips_per_shard:
-        total = clips_per_shard * len(urls)
-        out.update(projected_clips=total, projected_device_hours=total * encode_per_clip / 3600)
-        print(f"[dry-run] ~{clips_per_shard:.0f} clips per shard x {len(urls)} shards = {total:.0f} clips: "
+    print(f"[dry-run] {n} clips: decode {per_cpu:.1f} frames/s per CPU ({out['decode_clips_per_s_per_cpu']:.2f} "
+          f"clips/s), encode {out['encode_clips_per_s_per_device']:.2f} clips/s per {device}")
+    print(f"[dry-run] provision >= {cpus_per_device:.1f} ingest CPUs per {device} to keep it busy: "
+          f"{cpus_per_device / cfg.ingest_cpus:.1f} ingest tasks of --ingest-cpus {cfg.ingest_cpus:g} "
+          f"(Ray runs one task per {cfg.ingest_cpus:g} free CPU(s))")
+    if whole_shards:
+        total = n / whole_shards * len(urls)
+        out.update(projected_clips=total, projected_device_hours=total * encode_s / n / 3600)
+        print(f"[dry-run] ~{n / whole_shards:.0f} clips per shard x {len(urls)} shards = {total:.0f} clips: "
               f"{out['projected_device_hours']:.2f} {device}-hours of encoding")
     else:
         print("[dry-run] the first shard was not read to its end: raise N to project the total")
     return out
+

@@ -1,155 +1,211 @@
-"""The two distributed stages and the row format between them.
+"""The two distributed stages. Rows between them are records.StageRow, typed Arrow columns.
 
-Rows travel as Arrow tables with fixed schemas: `record` is the clip record's provenance (or an
-error, or a shard-end marker) as JSON, pixels and latents are raw bytes. Fixed schemas keep blocks
-of clips, errors and markers concatenable, and bytes keep uint8 frames uint8 in the object store.
+    ingest_shards   CPU tasks, one shard each: clips -> units (job/units.py), then the shard's end
+                    row (clip and unit counts, ingest ledger, or why the shard could not be read)
+    EncodeUnits     the encoder actor pool: each call takes one unit, encodes it, writes its data
+                    file into the output's staging area and returns a UnitResult; end rows pass
+                    through. Only small records leave an actor, never latents.
 """
+import dataclasses
 import json
 import os
+import sys
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import torch
 
 from encoder_service import metrics
-from encoder_service.ingest.clips import IngestConfig, error_record, ingest_shard
-from encoder_service.shards.schema import dtype_name, encode_tensor
+from encoder_service.engine import ClipRejected, LatentEncoder
+from encoder_service.ingest.clips import IngestConfig, IngestedClip, ShardUnavailable, ingest_shard
+from encoder_service.job import faults
+from encoder_service.job.units import UnitBuilder, UnitPlan
+from encoder_service.options import dtype_name
+from encoder_service.records import (ChannelStats, Clip, LatentRow, LedgerRow, ShardEnd, StageRow, Unit, UnitResult,
+                                     from_dict, to_table)
+from encoder_service.shards.schema import encode_tensor
+from encoder_service.shards.writer import StagingWriter
+from encoder_service.storage import StorageOptions, filesystem, scrub
 
-INGEST_SCHEMA = pa.schema([("kind", pa.string()), ("shard_id", pa.string()), ("key", pa.string()),
-                           ("record", pa.string()), ("frames", pa.large_binary())])
-ENCODED_SCHEMA = pa.schema([("kind", pa.string()), ("shard_id", pa.string()), ("key", pa.string()),
-                            ("record", pa.string()), ("mean", pa.large_binary()), ("logvar", pa.large_binary())])
 
-
-def _table(rows, schema):
-    return pa.Table.from_pylist(rows, schema=schema)
-
-
-def ingest_shards(shards: pa.Table, cfg: IngestConfig, batch_size: int):
-    """map_batches UDF (CPU tasks): each input row is one shard.
-
-    Yields one block per encoder batch: `batch_size` clips of one shard and one shape, in shard
-    order. The encoder takes each block as it is, so which clips share a batch depends only on the
-    shard, and a shard encoded again (alone or beside others) gives the same bytes. Error rows and
-    the shard's end marker (its clip count) come last.
-    """
+# ---- ingest -------------------------------------------------------------------------------------
+def ingest_shards(shards: pa.Table, cfg: IngestConfig, units: UnitPlan):
+    """map_batches UDF (CPU tasks): each input row is one shard; yields one-row tables."""
     for url, shard_id in zip(shards["url"].to_pylist(), shards["shard_id"].to_pylist()):
-        by_shape, errors, clips = {}, [], 0
-        try:
-            for kind, record in ingest_shard(url, cfg):
-                if kind == "error":
-                    errors.append(_row("error", shard_id, record))
-                    continue
-                frames = record.pop("frames")
-                record["shape"] = list(frames.shape)
-                metrics.inc("wfvae_clips_decoded", bucket=record["bucket"])
-                metrics.inc("wfvae_frames_decoded", frames.shape[0])
-                metrics.observe("wfvae_decode_seconds", record["decode_s"])
-                clips += 1
-                group = by_shape.setdefault(frames.shape, [])
-                group.append(_row("clip", shard_id, record, frames.tobytes()))
-                if len(group) == batch_size:
-                    yield _table(group, INGEST_SCHEMA)
-                    group.clear()
-        except Exception as exc:  # noqa: BLE001 - a bug or an unforeseen input must not kill the job
-            errors.append(_row("error", shard_id, error_record(shard_id, url, "ingest", "internal_error",
-                                                               f"{url}: {type(exc).__name__}: {exc}")))
-        for group in by_shape.values():
-            if group:
-                yield _table(group, INGEST_SCHEMA)
-        end = {"key": shard_id, "clips": clips, "errors": len(errors), "url": url}
-        yield _table(errors + [_row("end", shard_id, end)], INGEST_SCHEMA)
+        for row in shard_rows(url, shard_id, cfg, units):
+            yield to_table([row], StageRow)
 
 
-def _row(kind, shard_id, record, frames=b""):
-    return {"kind": kind, "shard_id": shard_id, "key": record["key"], "record": json.dumps(record), "frames": frames}
+def shard_rows(url: str, shard_id: str, cfg: IngestConfig, plan: UnitPlan):
+    """A shard's unit rows, then its end row. A shard that cannot be read, or a bug in ingest
+    itself, is not data: the end row carries the failure and the shard is not committed."""
+    builder, ledger, clips, failure = UnitBuilder(shard_id, plan), [], 0, None
+    try:
+        for item in ingest_shard(url, cfg):
+            if isinstance(item, LedgerRow):
+                ledger.append(item)
+                continue
+            _count_decoded(item)
+            clips += 1
+            yield from builder.add(item.clip, item.frames)
+    except ShardUnavailable as exc:
+        failure = scrub(str(exc))
+    except Exception as exc:  # noqa: BLE001 - per-sample problems are handled inside; this is a bug
+        failure = scrub(f"{url}: ingest failed ({type(exc).__name__}: {exc})")
+    yield from builder.flush()
+    yield StageRow("end", shard_id, end=ShardEnd(shard_id, url, builder.count, clips, ledger, failure))
 
 
-class EncodeClips:
-    """map_batches UDF for the actor pool: loads the LatentEncoder once, encodes each block's clips
-    (one batch, see ingest_shards), passes error and end rows through. Non-finite latents become
-    errors."""
+def _count_decoded(item: IngestedClip) -> None:
+    metrics.inc("wfvae_clips_decoded", bucket=item.clip.bucket)
+    metrics.inc("wfvae_frames_decoded", item.frames.shape[0])
+    metrics.observe("wfvae_decode_seconds", item.decode_seconds)
 
-    def __init__(self, checkpoint, model_config, precision, device, batch_size, chunk_frames, store_logvar,
-                 inject_fault=None):
-        from encoder_service.engine import LatentEncoder
-        self.encoder = LatentEncoder.load(checkpoint, model_config, precision, device, chunk_frames)
-        self.batch_size, self.store_logvar, self.fault, self.calls = batch_size, store_logvar, inject_fault, 0
-        self.last_return = None  # end of the previous call: the gap to the next is time spent waiting for input
+
+# ---- encode -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EncoderSpec:
+    """What an encoder actor is built from (small, picklable)."""
+    checkpoint: str
+    model_config: str | None
+    precision: str
+    device: str                 # auto | cuda | cpu
+    cpus: float
+    batch_size: int
+    chunk_frames: int | str | None
+    store_logvar: bool
+    output: str
+    storage: StorageOptions
+    run_meta: dict
+
+
+def resolve_device(choice: str) -> str:
+    """cpu: the CPU, whatever the actor holds. auto: CUDA when Ray gave this actor a GPU, else the
+    CPU. A GPU actor without CUDA (auto or cuda) is an error naming the node."""
+    import ray
+    if choice == "cpu":
+        return "cpu"
+    gpus = ray.get_gpu_ids() if ray.is_initialized() else []
+    if choice == "cuda" or gpus:
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"node {ray.util.get_node_ip_address()}: the encoder actor holds GPU {gpus} but "
+                               "torch sees no CUDA device (a CPU build of torch, or no driver); install the CUDA "
+                               "build there, or pass --device cpu to encode on the CPU")
+        return "cuda"
+    return "cpu"
+
+
+class EncodeUnits:
+    """map_batches UDF for the actor pool (batch_size=1: one unit per call)."""
+
+    def __init__(self, spec: EncoderSpec, registry):
+        device = resolve_device(spec.device)
+        if device == "cpu":
+            torch.set_num_threads(max(1, round(spec.cpus)))
+        self.spec, self.registry, self.calls = spec, registry, 0
+        self.encoder = LatentEncoder.load(spec.checkpoint, spec.model_config, spec.precision, device, spec.chunk_frames)
+        fs, root = filesystem(spec.output, spec.storage)
+        self.writer = StagingWriter(fs, root, spec.run_meta)
+        self.injection = faults.Injection.from_env()
+        self.last_return = None  # end of the previous call: the gap to the next is time spent waiting
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         if self.last_return is not None:
             metrics.inc("wfvae_encoder_wait_seconds", time.perf_counter() - self.last_return)
-        self._maybe_fail()
+        self.calls += 1
         try:
-            return self._encode_block(batch)
+            return to_table([self._row(batch, i) for i in range(batch.num_rows)], StageRow)
         finally:
             self.last_return = time.perf_counter()
 
-    def _encode_block(self, batch: pa.Table) -> pa.Table:
-        rows = batch.to_pylist()
-        clips = [r for r in rows if r["kind"] == "clip"]
-        out = [{**_drop_frames(r), "mean": b"", "logvar": b""} for r in rows if r["kind"] != "clip"]
-        by_shape = {}
-        for r in clips:
-            by_shape.setdefault(tuple(json.loads(r["record"])["shape"]), []).append(r)
-        for shape, group in by_shape.items():
-            for i in range(0, len(group), self.batch_size):
-                out += self._encode(group[i:i + self.batch_size], shape)
-        return _table(out, ENCODED_SCHEMA)
-
-    def _encode(self, rows, shape):
-        frames = np.stack([np.frombuffer(r["frames"], np.uint8).reshape(shape) for r in rows])
-        if self.fault and self.fault.startswith("nan:"):
-            frames = frames.astype(np.float32)
-            for i, r in enumerate(rows):
-                if self.fault[4:] in r["key"]:
-                    frames[i] = np.nan
-        start = time.perf_counter()
+    def _row(self, batch: pa.Table, i: int) -> StageRow:
+        kind = batch["kind"][i].as_py()
+        if kind != "unit":
+            return from_dict(StageRow, {**batch.slice(i, 1).to_pylist()[0]})
+        unit, frames = unit_and_frames(batch["unit"][i])
+        key = f"{unit.shard_id}/{unit.index}"
         try:
-            result = self.encoder.encode(frames)
-        except Exception as exc:  # noqa: BLE001 - e.g. out of memory on one batch: record, go on
-            return [self._error(r, "encode_failed", f"{type(exc).__name__}: {exc}") for r in rows]
-        busy = time.perf_counter() - start
-        share = busy / len(rows)  # encoder-busy seconds per clip, for the run summary's busy fraction
-        self._report(busy, len(rows), shape[0])
-        out = []
-        for i, r in enumerate(rows):
-            if not bool(result.finite[i]):
-                out.append(self._error(r, "non_finite_latent", "the encoder produced NaN/inf latents; the clip "
-                                       "was not written (check the source video and the checkpoint)"))
-                continue
-            record = {**json.loads(r["record"]), "latent_shape": list(result.mean.shape[1:]),
-                      "latent_dtype": dtype_name(result.mean.dtype), "encode_s": share}
-            out.append({"kind": "latent", "shard_id": r["shard_id"], "key": r["key"], "record": json.dumps(record),
-                        "mean": encode_tensor(result.mean[i]),
-                        "logvar": encode_tensor(result.logvar[i]) if self.store_logvar else b""})
-        return out
+            if self.injection:
+                self.injection.before_call(self.calls, key, self.registry)
+                frames = self.injection.frames(unit.clips, frames)
+            result = self.encode_unit(unit, frames)
+        except Exception as exc:  # noqa: BLE001 - the clips' own problems are handled inside: a fault
+            result = self._fault(unit, key, exc)
+        self._report(result, unit)
+        return StageRow("result", unit.shard_id, result=result)
 
-    def _report(self, busy, clips, frames_per_clip):
-        metrics.inc("wfvae_encoder_busy_seconds", busy)
-        metrics.observe("wfvae_encode_seconds", busy)
-        metrics.inc("wfvae_clips_encoded", clips)
-        metrics.inc("wfvae_frames_encoded", clips * frames_per_clip)
+    def encode_unit(self, unit: Unit, frames: np.ndarray) -> UnitResult:
+        start, spec = time.perf_counter(), self.spec
+        latents, ledger, means, logvars = [], [], [], []
+        for lo in range(0, len(unit.clips), spec.batch_size):
+            clips = unit.clips[lo:lo + spec.batch_size]
+            try:
+                out = self.encoder.encode(frames[lo:lo + spec.batch_size])
+            except ClipRejected as exc:  # the clips, not the machine
+                ledger += [_ledger(clip, "rejected", str(exc)) for clip in clips]
+                continue
+            for j, clip in enumerate(clips):
+                if not bool(out.finite[j]):
+                    ledger.append(_ledger(clip, "non_finite_latent", "the encoder produced NaN/inf latents; the "
+                                          "clip was not written (check the source video and the checkpoint)"))
+                    continue
+                latents.append(latent_row(clip, out.mean[j], out.logvar[j] if spec.store_logvar else None,
+                                          spec.run_meta))
+                means.append(out.mean[j])
+                logvars.append(out.logvar[j])
+        file = self.writer.write(unit.shard_id, unit.index, latents) if latents else None
+        return UnitResult(unit.shard_id, unit.index, len(unit.clips), file, ledger, time.perf_counter() - start,
+                          mean_stats=channel_stats(means), logvar_stats=channel_stats(logvars))
+
+    def _fault(self, unit: Unit, key: str, exc: Exception) -> UnitResult:
+        import ray
+        attempts = ray.get(self.registry.record.remote(key))
+        print(f"[encoder] unit {key}: {type(exc).__name__}: {exc} (attempt {attempts} of {faults.MAX_ATTEMPTS})",
+              file=sys.stderr, flush=True)
+        if attempts < faults.MAX_ATTEMPTS:
+            os._exit(1)  # Ray restarts the actor and retries the unit in a fresh process (a fresh CUDA context)
+        # the unit fails; should this process be broken for good (a sticky CUDA error), the next unit
+        # fails once here too and is retried in a fresh process
+        return UnitResult(unit.shard_id, unit.index, len(unit.clips), None, [], 0.0,
+                          failure=scrub(f"unit {unit.index} failed {attempts} times: {type(exc).__name__}: {exc}"))
+
+    def _report(self, result: UnitResult, unit: Unit) -> None:
+        metrics.inc("wfvae_encoder_busy_seconds", result.encode_seconds)
+        metrics.observe("wfvae_encode_seconds", result.encode_seconds)
+        encoded = 0 if result.failure else result.clips - len(result.ledger)
+        metrics.inc("wfvae_clips_encoded", encoded)
+        metrics.inc("wfvae_frames_encoded", encoded * unit.shape[0])
         in_use, peak = metrics.device_memory(self.encoder.device)
         metrics.set_gauge("wfvae_encoder_memory_bytes", in_use, device=str(self.encoder.device))
         metrics.set_gauge("wfvae_encoder_memory_peak_bytes", peak, device=str(self.encoder.device))
 
-    def _error(self, row, reason, message):
-        rec = json.loads(row["record"])
-        err = error_record(row["key"], rec.get("source_url", ""), "encode", reason, f"{row['key']}: {message}")
-        return {"kind": "error", "shard_id": row["shard_id"], "key": row["key"], "record": json.dumps(err),
-                "mean": b"", "logvar": b""}
 
-    def _maybe_fail(self):
-        """Test-only fault injection: kill this actor process once, after N calls."""
-        self.calls += 1
-        if self.fault and self.fault.startswith("kill-actor-after:"):
-            _, n, marker = self.fault.split(":", 2)
-            if self.calls > int(n) and not os.path.exists(marker):
-                open(marker, "w").close()
-                os._exit(1)
+def unit_and_frames(scalar) -> tuple[Unit, np.ndarray]:
+    """A unit row's record (without its pixels) and its frames as a zero-copy (N, T, H, W, 3) view."""
+    shape = scalar["shape"].as_py()
+    clips = [from_dict(Clip, c) for c in scalar["clips"].as_py()]
+    frames = np.frombuffer(scalar["frames"].as_buffer(), np.uint8).reshape(len(clips), *shape)
+    return Unit(scalar["shard_id"].as_py(), scalar["index"].as_py(), shape, clips, b""), frames
 
 
-def _drop_frames(row):
-    return {k: v for k, v in row.items() if k != "frames"}
+def latent_row(clip: Clip, mean: torch.Tensor, logvar: torch.Tensor | None, run_meta: dict) -> LatentRow:
+    return LatentRow(**{f.name: getattr(clip, f.name) for f in dataclasses.fields(Clip)},
+                     mean=encode_tensor(mean), logvar=encode_tensor(logvar) if logvar is not None else None,
+                     latent_shape=list(mean.shape), latent_dtype=dtype_name(mean.dtype),
+                     vae_name=run_meta["vae_name"], vae_sha256=run_meta["vae_sha256"],
+                     scale=json.loads(run_meta["scale"]), shift=json.loads(run_meta["shift"]),
+                     precision=run_meta["precision"], pipeline_version=run_meta["pipeline_version"])
+
+
+def channel_stats(tensors: list[torch.Tensor]) -> ChannelStats | None:
+    """Per-channel count, sum and sum of squares (float64) of (C, t, h, w) latents."""
+    if not tensors:
+        return None
+    x = torch.stack(tensors).double().transpose(0, 1).flatten(1)  # (C, N)
+    return ChannelStats([x.shape[1]] * x.shape[0], x.sum(1).tolist(), (x * x).sum(1).tolist())
+
+
+def _ledger(clip: Clip, reason: str, message: str) -> LedgerRow:
+    return LedgerRow(clip.key, clip.source_url, "encode", reason, f"{clip.key}: {message}")

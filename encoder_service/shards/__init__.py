@@ -1,9 +1,10 @@
-"""Latent shards: Parquet files of posterior mean/logvar with provenance, a manifest committed last,
-an error ledger beside them, and a training-side IterableDataset."""
+"""Latent shards: an output folder of Parquet data files, error ledgers and manifests committed last
+(shards/layout.py), and the training-side IterableDataset."""
 from encoder_service.shards.manifest import ShardStatus, shard_status
-from encoder_service.shards.reader import LatentShardDataset, decode_tensor
-from encoder_service.shards.schema import SCHEMA_VERSION, encode_tensor
-from encoder_service.shards.writer import ShardWriter, write_shard
+from encoder_service.shards.reader import LatentShardDataset, ShardError, data_files
+from encoder_service.shards.schema import SCHEMA_VERSION, decode_tensor, encode_tensor
+from encoder_service.shards import layout
+from encoder_service.shards.writer import StagingWriter, commit_shard
 
-__all__ = ["LatentShardDataset", "SCHEMA_VERSION", "ShardStatus", "ShardWriter", "decode_tensor", "encode_tensor",
-           "shard_status", "write_shard"]
+__all__ = ["LatentShardDataset", "SCHEMA_VERSION", "ShardError", "ShardStatus", "StagingWriter", "commit_shard", "layout",
+           "data_files", "decode_tensor", "encode_tensor", "shard_status"]

@@ -1,39 +1,55 @@
-"""Training-side reader: a PyTorch IterableDataset over latent shards (local or S3).
+"""Training-side reader: a PyTorch IterableDataset over output folders (local or S3).
 
-Work is split by Parquet row group across DataLoader workers and distributed ranks, so every
-row is read exactly once per epoch. Shards whose manifest is missing or does not match are
-refused unless `require_manifest=False`.
+The reader follows the manifests: it reads exactly the data files a manifest lists, after checking
+them against it (`verify="size"`: byte size and row count; `"checksum"`: sha256 too), once, when
+the dataset is built; every page is also checked against its Parquet page checksum as it is read.
+A file that fails either check is an error naming the file, never silently skipped or read.
+Work is split by Parquet row group across DataLoader workers and distributed ranks, so every row
+is read exactly once per epoch.
 """
 import hashlib
 import json
-import posixpath
 from collections import defaultdict
 
 import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from encoder_service.shards.manifest import check_against_manifest, read_manifest
+from encoder_service.shards import layout
+from encoder_service.shards.manifest import check_files, list_manifests, read_manifest
 from encoder_service.shards.schema import decode_tensor, read_run_metadata
-from encoder_service.storage import StorageOptions, filesystem, glob_urls
+from encoder_service.storage import StorageOptions, filesystem, join
 
 _PROVENANCE = ("source_url", "source_key", "clip_index", "frame_indices", "src_fps", "clip_fps", "src_hw",
-               "crop_box", "bucket", "vae_name", "vae_sha256", "precision")
+               "rotation", "crop_box", "bucket", "vae_name", "vae_sha256", "precision")
 
 
 class ShardError(RuntimeError):
     pass
 
 
-def expand_shards(urls: str | list[str], options: StorageOptions | None = None) -> list[str]:
-    """A glob, a list of URLs, or a folder -> sorted part-*.parquet URLs."""
-    out = []
-    for url in [urls] if isinstance(urls, str) else urls:
-        fs, path = filesystem(url, options)
-        if fs.isdir(path):
-            url = posixpath.join(url.rstrip("/"), "part-*.parquet")
-        out += glob_urls(url, options) if any(c in url for c in "*?[") else [url]
-    return sorted(set(out))
+def data_files(root: str, storage: StorageOptions | None = None, require_manifest: bool = True,
+               verify: str = "size") -> list[str]:
+    """The data files of an output folder: those its manifests list (checked), or with
+    require_manifest=False every file in latents/."""
+    fs, path = filesystem(root, storage)
+    protocol = root.split("://")[0] + "://" if "://" in root else ""
+    if not require_manifest:
+        return [protocol + p for p in sorted(fs.glob(join(path, layout.LATENTS) + "/*.parquet"))]
+    files = []
+    for shard_id in list_manifests(fs, path):
+        manifest = read_manifest(fs, path, shard_id)
+        problem = check_files(fs, path, manifest, verify)
+        if problem:
+            raise ShardError(f"{root}: shard {shard_id}: {problem}; re-run the encode job for this shard, or "
+                             "pass require_manifest=False to read the folder anyway")
+        files += [join(root, entry["name"]) for entry in manifest["files"]]
+    return files
+
+
+def open_parquet(url: str, storage: StorageOptions | None = None) -> pq.ParquetFile:
+    fs, path = filesystem(url, storage)
+    return pq.ParquetFile(fs.open(path, "rb"), page_checksum_verification=True)
 
 
 class LatentShardDataset(IterableDataset):
@@ -41,36 +57,24 @@ class LatentShardDataset(IterableDataset):
     latent_shape, provenance and `metadata` (parsed JSON); with `sample=True`, `latent` is a
     posterior sample seeded by (seed, key, epoch), else `latent` is the mean.
     With `batch_size`, items of the same latent shape are stacked into batches.
+    `roots`: one output folder or several.
     """
 
-    def __init__(self, urls: str | list[str], *, storage: StorageOptions | None = None,
+    def __init__(self, roots: str | list[str], *, storage: StorageOptions | None = None,
                  dtype: torch.dtype | None = None, sample: bool = False, seed: int = 0,
                  require_manifest: bool = True, verify: str = "size", batch_size: int | None = None,
                  drop_last: bool = False, rank: int | None = None, world_size: int | None = None):
         self.storage, self.dtype, self.sample, self.seed = storage, dtype, sample, seed
-        self.require_manifest, self.verify = require_manifest, verify
         self.batch_size, self.drop_last, self.epoch = batch_size, drop_last, 0
         self.rank, self.world_size = rank, world_size
-        self.shards = expand_shards(urls, storage)
-        if not self.shards:
-            raise ShardError(f"no latent shards match {urls!r}")
-        self.units = [(url, rg) for url in self.shards for rg in range(self._open(url).num_row_groups)]
+        self.files = [f for root in ([roots] if isinstance(roots, str) else roots)
+                      for f in data_files(root, storage, require_manifest, verify)]
+        if not self.files:
+            raise ShardError(f"no latent data files in {roots!r}")
+        self.units = [(url, rg) for url in self.files for rg in range(open_parquet(url, storage).num_row_groups)]
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
-
-    def _open(self, url: str) -> pq.ParquetFile:
-        fs, path = filesystem(url, self.storage)
-        if self.require_manifest:
-            directory, name = posixpath.split(path)
-            shard_id = name[len("part-"):-len(".parquet")]
-            manifest = read_manifest(fs, directory, shard_id)
-            problem = "no manifest (the write did not finish)" if manifest is None else \
-                check_against_manifest(fs, directory, shard_id, manifest, self.verify)
-            if problem:
-                raise ShardError(f"{url}: {problem}; re-run the encode job for this shard, or pass "
-                                 "require_manifest=False to read it anyway")
-        return pq.ParquetFile(fs.open(path, "rb"))
 
     def _my_units(self):
         rank, world = self.rank, self.world_size
@@ -86,12 +90,16 @@ class LatentShardDataset(IterableDataset):
         return self._batched(items) if self.batch_size else items
 
     def _items(self):
-        files = {}
+        current, file = None, None
         for url, rg in self._my_units():
-            if url not in files:
-                files = {url: self._open(url)}  # one open file at a time
-            table = files[url].read_row_group(rg)
-            meta = read_run_metadata(files[url].schema_arrow)
+            if url != current:
+                current, file = url, open_parquet(url, self.storage)  # one open file at a time
+            try:
+                table = file.read_row_group(rg)
+            except OSError as exc:  # a page whose checksum does not match, or a broken file
+                raise ShardError(f"{url}: row group {rg} cannot be read ({exc}); the file is damaged: "
+                                 "re-run the encode job for its shard") from exc
+            meta = read_run_metadata(file.schema_arrow)
             for row in table.to_pylist():
                 yield self._item(row, meta)
 
@@ -140,4 +148,4 @@ def collate(items: list[dict]) -> dict:
     return out
 
 
-__all__ = ["LatentShardDataset", "ShardError", "collate", "expand_shards"]
+__all__ = ["LatentShardDataset", "ShardError", "collate", "data_files", "open_parquet"]

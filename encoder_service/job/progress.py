@@ -1,0 +1,58 @@
+"""Progress while the job runs: a tqdm bar of clips encoded (clips/s, ETA) on a terminal, a line
+every few seconds otherwise (job logs), and the progress/ETA gauges for Grafana. Counts move as each
+unit comes back, not only when a shard commits."""
+import sys
+import time
+
+from encoder_service import metrics
+from encoder_service.job.driver import Totals
+
+
+class Progress:
+    def __init__(self, total_shards: int, every_s: float, terminal: bool | None = None):
+        self.total_shards, self.every_s, self.started, self.last_print = total_shards, every_s, time.time(), 0.0
+        terminal = sys.stderr.isatty() if terminal is None else terminal
+        self.bar = None
+        if terminal and total_shards:
+            from tqdm import tqdm
+            self.bar = tqdm(unit="clip", dynamic_ncols=True, file=sys.stderr, mininterval=0.5)
+
+    def expected_clips(self, t: Totals) -> int | None:
+        """Clips of the whole run, estimated from the shards ingested so far."""
+        if not t.shards_ingested:
+            return None
+        return max(t.clips_encoded, round(t.clips_ingested / t.shards_ingested * self.total_shards))
+
+    def eta_s(self, t: Totals) -> float | None:
+        total, elapsed = self.expected_clips(t), time.time() - self.started
+        if total is None or not t.clips_encoded:
+            return None
+        return max(0.0, (total - t.clips_encoded) / (t.clips_encoded / elapsed))
+
+    def update(self, t: Totals) -> None:
+        finished = t.shards_done + len(t.failed)
+        metrics.set_gauge("wfvae_job_progress_ratio", finished / self.total_shards if self.total_shards else 1.0)
+        if self.eta_s(t) is not None:
+            metrics.set_gauge("wfvae_job_eta_seconds", self.eta_s(t))
+        if self.bar is not None:
+            self.bar.total = self.expected_clips(t)
+            self.bar.update(t.clips_encoded - self.bar.n)
+            self.bar.set_postfix(shards=f"{finished}/{self.total_shards}", errors=sum(t.ledger.values()),
+                                 refresh=False)
+        elif time.time() - self.last_print >= self.every_s:
+            print(self.line(t), flush=True)
+            self.last_print = time.time()
+
+    def line(self, t: Totals) -> str:
+        elapsed = max(1e-9, time.time() - self.started)
+        eta = self.eta_s(t)
+        finished = t.shards_done + len(t.failed)
+        return (f"[encode] {finished}/{self.total_shards} shards, {t.clips_encoded} clips encoded, "
+                f"{sum(t.ledger.values())} errors, {t.clips_encoded / elapsed:.2f} clips/s, "
+                f"ETA {'0s' if finished == self.total_shards else ('unknown' if eta is None else f'{eta:.0f}s')}")
+
+    def close(self, t: Totals) -> None:
+        self.update(t)
+        if self.bar is not None:
+            self.bar.close()
+        print(self.line(t), flush=True)

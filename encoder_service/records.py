@@ -1,0 +1,173 @@
+"""Every record the service passes or stores, each defined once as a dataclass; the Arrow schema
+of each is derived from its fields here, and so is the conversion to and from Arrow rows.
+
+    Clip        ingest -> encode -> Parquet: a clip's identity and provenance (no pixels)
+    LatentRow   a Parquet row of {output}/latents: the Clip, the latents, the run's identity
+    LedgerRow   a Parquet row of {output}/errors: one sample or clip that yields no latent
+    Unit        ingest -> encode: the clips (and their pixels) of one encoder call, one shard
+    ShardEnd    ingest -> encode -> driver: a shard's totals, its ingest ledger, or why it failed
+    DataFile    a written Parquet file: name, rows, bytes, sha256
+    UnitResult  encode -> driver: what one encoder call wrote (never the latents themselves)
+    StageRow    the one row type of each stream between Ray stages (a unit, a result or an end)
+"""
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+
+@dataclass(frozen=True)
+class Clip:
+    key: str                      # {shard_id}/{sample_key}/{clip_index}, unique and stable across runs
+    source_url: str
+    source_key: str
+    clip_index: int
+    frame_indices: list[int]
+    src_fps: float
+    clip_fps: float
+    src_hw: list[int]             # displayed height, width of the source (rotation applied)
+    rotation: int                 # counter-clockwise degrees the stored frames were turned to display
+    crop_box: list[int]           # top, left, height, width in the resized, displayed frame
+    bucket: str                   # TxHxW
+    metadata: str                 # pass-through sample metadata (caption, json) as JSON
+
+
+@dataclass(frozen=True)
+class LatentRow(Clip):
+    mean: bytes                   # raw little-endian bytes of latent_dtype, shape latent_shape
+    logvar: bytes | None          # null when the run stores no logvar
+    latent_shape: list[int]       # C, t, h, w
+    latent_dtype: str             # bfloat16 | float16 | float32
+    vae_name: str
+    vae_sha256: str
+    scale: list[float]
+    shift: list[float]
+    precision: str                # the precision policy's label
+    pipeline_version: str
+
+
+@dataclass(frozen=True)
+class LedgerRow:
+    key: str                      # sample (or clip, or member) that yields no latent
+    source_url: str
+    stage: str                    # read | probe | decode | sample | encode
+    reason: str                   # short machine-groupable reason, e.g. "too_short"
+    message: str                  # the human sentence: what and what to do
+
+
+@dataclass(frozen=True)
+class Unit:
+    shard_id: str
+    index: int                    # position in the shard's sequence of units (deterministic)
+    shape: list[int]              # T, H, W, 3 of every clip
+    clips: list[Clip]
+    frames: bytes                 # the clips' uint8 frames, back to back
+
+
+@dataclass(frozen=True)
+class ShardEnd:
+    shard_id: str
+    source_url: str
+    units: int
+    clips: int
+    ledger: list[LedgerRow]       # ingest's rows (samples, members, the shard itself)
+    failure: str | None = None    # set: the shard could not be read; it is not committed
+
+
+@dataclass(frozen=True)
+class DataFile:
+    name: str                     # relative to the output folder
+    rows: int
+    bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class ChannelStats:
+    """Sums over every latent element of a set of clips, per channel (merge by adding)."""
+    count: list[int]
+    sum: list[float]
+    sum_sq: list[float]
+
+
+@dataclass(frozen=True)
+class UnitResult:
+    shard_id: str
+    index: int
+    clips: int
+    file: DataFile | None         # None when no clip of the unit gave a latent
+    ledger: list[LedgerRow]       # clips the encoder refused or that gave NaN/inf
+    encode_seconds: float
+    failure: str | None = None    # set: a fault (not the input) persisted; the shard is not committed
+    mean_stats: ChannelStats | None = None
+    logvar_stats: ChannelStats | None = None
+
+
+@dataclass(frozen=True)
+class StageRow:
+    kind: str                     # unit | end | result
+    shard_id: str
+    unit: Unit | None = None
+    end: ShardEnd | None = None
+    result: UnitResult | None = None
+
+
+# ---- Arrow, derived from the fields ---------------------------------------------------------
+_SCALARS = {str: pa.string(), int: pa.int64(), float: pa.float64(), bool: pa.bool_(), bytes: pa.large_binary()}
+
+
+def _arrow_type(hint) -> tuple[pa.DataType, bool]:
+    """(Arrow type, nullable) of a field annotation."""
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        inner = [a for a in args if a is not type(None)]
+        return _arrow_type(inner[0])[0], True
+    if typing.get_origin(hint) is list:
+        return pa.list_(_arrow_type(args[0])[0]), False
+    if dataclasses.is_dataclass(hint):
+        return pa.struct(_fields(hint)), False
+    return _SCALARS[hint], False
+
+
+def _fields(cls) -> list[pa.Field]:
+    hints = typing.get_type_hints(cls)
+    return [pa.field(f.name, *_arrow_type(hints[f.name])) for f in dataclasses.fields(cls)]
+
+
+def schema(cls, metadata: dict | None = None) -> pa.Schema:
+    return pa.schema(_fields(cls), metadata=metadata)
+
+
+def to_table(rows: list, cls, metadata: dict | None = None) -> pa.Table:
+    return pa.Table.from_pylist([dataclasses.asdict(r) for r in rows], schema=schema(cls, metadata))
+
+
+def from_dict(cls, data: dict | None):
+    """A dataclass instance (nested ones too) from its Arrow row form."""
+    if data is None:
+        return None
+    hints = typing.get_type_hints(cls)
+    return cls(**{f.name: _value(hints[f.name], data[f.name]) for f in dataclasses.fields(cls)})
+
+
+def _value(hint, value):
+    if value is None:
+        return None
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return _value(next(a for a in args if a is not type(None)), value)
+    if typing.get_origin(hint) is list:
+        return [_value(args[0], v) for v in value]
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value)
+    return value
+
+
+def from_table(table: pa.Table, cls) -> list:
+    return [from_dict(cls, row) for row in table.to_pylist()]
+
+
+__all__ = ["ChannelStats", "Clip", "DataFile", "LatentRow", "LedgerRow", "ShardEnd", "StageRow", "Unit",
+           "UnitResult", "from_dict", "from_table", "schema", "to_table"]
