@@ -150,6 +150,14 @@ def choice(options: tuple[str, ...], what: str):
     return parse
 
 
+def label(text) -> tuple[str, str]:
+    """A Ray node label requirement "key=value"."""
+    key, sep, value = str(text).partition("=")
+    if not sep or not key or not value:
+        raise OptionError(f"a node label must look like key=value, got {text!r}")
+    return key, value
+
+
 def chunk_frames(text) -> int | str | None:
     """Frames per causal-cache chunk: a multiple of 4, "auto" (from free GPU memory) or "none"."""
     if text in (None, "none"):

@@ -6,7 +6,6 @@ from safetensors.torch import load_file
 
 import kernels
 from conftest import GOLDEN, max_abs
-from encoder_service.model.encoder import run
 
 # fp32: 1e-4 on moments/coefficients (observed ~2e-6), 2e-4 on decoded; fp64: 1e-10 (observed ~1e-14)
 TOL = {torch.float32: (1e-4, 2e-4), torch.float64: (1e-10, 1e-10)}
@@ -17,7 +16,7 @@ DTYPES = [torch.float32, torch.float64]
 def test_encoder_matches_official(golden_vae, golden_input, golden_outputs, dtype):
     vae, ref, (tol, _) = golden_vae(dtype), golden_outputs[dtype], TOL[dtype]
     x = golden_input.to(dtype)
-    moments, l1, l2 = vae.encoder(x)
+    moments, l1, l2 = vae.encoder(x, coefficients=True)
     posterior = vae.encode(x)
     assert max_abs(moments, ref["moments"]) <= tol
     assert max_abs(posterior.mean, ref["mean"]) <= tol
@@ -32,7 +31,7 @@ def test_decoder_matches_official(golden_vae, golden_outputs, dtype):
     """The decoder is fed the stored mean, so its error is not mixed with the encoder's."""
     vae, ref, (tol, tol_dec) = golden_vae(dtype), golden_outputs[dtype], TOL[dtype]
     mean = ref["mean"].to(dtype)
-    video, l1, l2 = vae.decoder(mean)
+    video, l1, l2 = vae.decoder(mean, coefficients=True)
     assert video.shape == (1, 3, 9, 32, 32)
     assert max_abs(video, ref["decoded"]) <= tol_dec
     assert max_abs(vae.decode(mean), ref["decoded"]) <= tol_dec
@@ -53,30 +52,29 @@ def _encoder_stages(enc, st):
         "enc.wavelet_transform_l2": kernels.haar3d(st["enc.wavelet_transform_l1"][:, :3]),
         "enc.connect_l1": enc.connect_l1(st["enc.wavelet_transform_l1"]),
         "enc.connect_l2": enc.connect_l2(st["enc.wavelet_transform_l2"]),
-        "enc.down1": run(enc.down1, st["enc.wavelet_transform_in"], None),
-        "enc.down2": run(enc.down2, torch.cat([st["enc.down1"], st["enc.connect_l1"]], 1), None),
-        "enc.mid": run(enc.mid, torch.cat([st["enc.down2"], st["enc.connect_l2"]], 1), None),
+        "enc.down1": enc.down1(st["enc.wavelet_transform_in"]),
+        "enc.down2": enc.down2(torch.cat([st["enc.down1"], st["enc.connect_l1"]], 1)),
+        "enc.mid": enc.mid(torch.cat([st["enc.down2"], st["enc.connect_l2"]], 1)),
         "enc.norm_out": enc.norm_out(st["enc.mid"]),
         "enc.conv_out": enc.conv_out(silu_norm),
     }
 
 
 def _decoder_stages(dec, st, mean):
-    w = dec.width
     l1c = st["dec.connect_l1"].clone()
     l1c[:, :3] += st["dec.inverse_wavelet_transform_l2"]
     out = st["dec.conv_out"].clone()
     out[:, :3] += st["dec.inverse_wavelet_transform_l1"]
     return {
         "dec.conv_in": dec.conv_in(mean),
-        "dec.mid": run(dec.mid, st["dec.conv_in"], None),
-        "dec.connect_l2": run(dec.connect_l2, st["dec.mid"][:, w:], None),
+        "dec.mid": dec.mid(st["dec.conv_in"]),
+        "dec.connect_l2": dec.connect_l2(dec.split_flow(st["dec.mid"])[1]),
         "dec.inverse_wavelet_transform_l2": kernels.inverse_haar3d(st["dec.connect_l2"]),
-        "dec.up2": run(dec.up2, st["dec.mid"][:, :w], None),
-        "dec.connect_l1": run(dec.connect_l1, st["dec.up2"][:, w:], None),
+        "dec.up2": dec.up2(dec.split_flow(st["dec.mid"])[0]),
+        "dec.connect_l1": dec.connect_l1(dec.split_flow(st["dec.up2"])[1]),
         "dec.inverse_wavelet_transform_l1": kernels.inverse_haar2d(l1c),
-        "dec.up1": run(dec.up1, st["dec.up2"][:, :w], None),
-        "dec.layer": run(dec.layer, st["dec.up1"], None),
+        "dec.up1": dec.up1(dec.split_flow(st["dec.up2"])[0]),
+        "dec.layer": dec.layer(st["dec.up1"]),
         "dec.norm_out": dec.norm_out(st["dec.layer"]),
         "dec.conv_out": dec.conv_out(F.silu(st["dec.norm_out"])),
         "dec.inverse_wavelet_transform_out": kernels.inverse_haar3d(out),

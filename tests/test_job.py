@@ -234,3 +234,50 @@ def test_leftovers_of_a_crashed_run_are_cleaned(clean_run, shards, tmp_path):
     job(f"{shards}/shard-{{000000..000002}}.tar", out)
     assert not (out / "_staging").exists() or not any((out / "_staging").iterdir())
     assert not any(".tmp-" in name for name in os.listdir(out / "latents"))
+
+
+def test_changed_settings_are_refused_before_any_work(clean_run, shards):
+    out, _ = clean_run
+    before = files(out)
+    from encoder_service.job.plan import JobError
+    with pytest.raises(JobError, match="other settings.*size '32x32' -> '40x40'.*--overwrite"):
+        job(f"{shards}/shard-000000.tar", out, "--size", "40x40")
+    assert files(out) == before
+
+
+def test_a_missing_shard_is_not_committed_and_is_encoded_once_it_appears(shards, tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    shutil.copy(shards / "shard-000000.tar", d / "shard-000000.tar")
+    first = job(f"{d}/shard-{{000000..000001}}.tar", tmp_path / "out")
+    assert first["shards_done"] == 1 and list(first["failed_shards"]) == ["shard-000001"]
+    assert "cannot be opened" in first["failed_shards"]["shard-000001"]
+    assert not (tmp_path / "out" / "_manifests" / "shard-000001.json").exists()
+    shutil.copy(shards / "shard-000001.tar", d / "shard-000001.tar")  # uploaded later
+    second = job(f"{d}/shard-{{000000..000001}}.tar", tmp_path / "out")
+    assert second["shards_done"] == 1 and second["shards_skipped"] == 1 and second["shards_failed"] == 0
+
+
+def test_a_hostile_shard_is_committed_once_with_every_sample_accounted_for(tmp_path):
+    from hostile import hostile_shard
+    media = tmp_path / "media"
+    media.mkdir()
+    expected = hostile_shard(tmp_path / "shard-000009.tar", media)
+    summary = job(tmp_path / "shard-000009.tar", tmp_path / "out", "--clips-per-video", "first", "--max-pixels", "40000")
+    assert summary["shards_done"] == 1 and summary["shards_failed"] == 0
+    latents = pyarrow.dataset.dataset(str(tmp_path / "out" / "latents")).to_table().column("source_key").to_pylist()
+    assert sorted(latents) == sorted(expected["good"])
+    ledger = pyarrow.dataset.dataset(str(tmp_path / "out" / "errors")).to_table().to_pylist()
+    got = {(r["key"].split("/", 1)[1] if "/" in r["key"] else "(shard)"): r["reason"] for r in ledger}
+    assert got == expected["ledger"] and len(ledger) == len(expected["ledger"])
+    before = files(tmp_path / "out")
+    os.unlink(tmp_path / "out" / "_manifests" / "shard-000009.json")
+    job(tmp_path / "shard-000009.tar", tmp_path / "out", "--clips-per-video", "first", "--max-pixels", "40000")
+    assert files(tmp_path / "out") == before, "a redone shard, its ledger included, has the same bytes"
+
+
+def test_credentials_are_scrubbed_from_everything_written(shards, tmp_path):
+    job(f"{shards}/shard-000000.tar", tmp_path / "out", "--s3-endpoint-url", "http://AKIAKEY:s3cr3t@127.0.0.1:9")
+    written = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
+    assert written and not any(b"s3cr3t" in p.read_bytes() for p in written)
+    assert b"http://***@127.0.0.1:9" in (tmp_path / "out" / "summary.json").read_bytes()

@@ -79,6 +79,11 @@ class JobConfig:
                                  _number(float, 0.1, 256, "encoder cpus"))
     ingest_cpus: float = option(1.0, "CPUs per ingest task (one shard each; decoder threads = this, rounded)",
                                 _number(float, 0.1, 64, "ingest cpus"))
+    ingest_labels: list[tuple[str, str]] = option(list, "Ray node labels ingest tasks must run on, key=value "
+                                                  "(e.g. wfvae-role=ingest for CPU-only nodes)", options.label,
+                                                  many=True)
+    encoder_labels: list[tuple[str, str]] = option(list, "Ray node labels encoder actors must run on, key=value",
+                                                   options.label, many=True)
     s3_endpoint_url: str | None = option(None, "S3-compatible endpoint for s3:// URLs", str)
     overwrite: bool = option(False, "redo every shard, and let the folder take these settings")
     max_shards: int | None = option(None, "process at most this many (pending) shards",
@@ -126,6 +131,8 @@ def to_json(cfg: JobConfig) -> dict:
             value = options.format_dims(value)
         elif f.name == "buckets":
             value = [options.format_dims(b) for b in value]
+        elif f.name.endswith("_labels"):
+            value = [f"{k}={v}" for k, v in value]
         elif isinstance(value, options.ClipMode):
             value = str(value)
         out[f.name] = value

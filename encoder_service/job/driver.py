@@ -68,6 +68,8 @@ class Driver:
         self.on_progress = on_progress or (lambda totals: None)
 
     def add(self, row: StageRow) -> None:
+        if row.shard_id in self.committed or row.shard_id in self.totals.failed:
+            return  # a late copy (Ray re-ran a task whose output was lost with a node): already final
         state = self.states.setdefault(row.shard_id, ShardState())
         t = self.totals
         if row.kind == "end" and state.end is None:

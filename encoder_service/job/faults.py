@@ -23,10 +23,13 @@ MAX_ATTEMPTS = 2
 
 
 def make_registry():
-    """The run's FaultRegistry actor (lives as long as the driver)."""
+    """The run's FaultRegistry actor, on the driver's node (it lives and dies with the driver)."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    @ray.remote(num_cpus=0, max_restarts=0)
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+
+    @ray.remote(num_cpus=0, max_restarts=0, scheduling_strategy=here)
     class FaultRegistry:
         def __init__(self):
             self.counts: dict[str, int] = {}

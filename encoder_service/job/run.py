@@ -43,8 +43,9 @@ def build_dataset(cfg: JobConfig, plan: Plan, registry):
     ingest = IngestConfig(cfg.sampling(), cfg.decoder, storage, threads=max(1, round(cfg.ingest_cpus)))
     ds = ray.data.from_items([{"url": u, "shard_id": s} for u, s in plan.todo],
                              override_num_blocks=max(1, len(plan.todo)))
-    ds = ds.map_batches(ingest_shards, fn_kwargs={"cfg": ingest, "units": UnitPlan.for_job(cfg, plan.model.latent_dim)}, batch_size=1,
-                        batch_format="pyarrow", num_cpus=cfg.ingest_cpus)
+    ds = ds.map_batches(ingest_shards, fn_kwargs={"cfg": ingest, "units": UnitPlan.for_job(cfg, plan.model.latent_dim)},
+                        batch_size=1, batch_format="pyarrow", num_cpus=cfg.ingest_cpus,
+                        label_selector=dict(cfg.ingest_labels) or None)
     spec = EncoderSpec(cfg.checkpoint, cfg.model_config, cfg.precision, cfg.device, cfg.encoder_cpus, cfg.batch_size,
                        cfg.chunk_frames, cfg.store_logvar, cfg.output, storage, plan.run_meta)
     # Ray Data restarts dead pool actors and retries their calls (max_restarts=-1, max_task_retries=-1);
@@ -58,10 +59,11 @@ def encoder_resources(cfg: JobConfig, plan: Plan) -> dict:
     """What one encoder actor asks Ray for. A CPU encoder also reserves memory for its model: that is
     what a CPU encoder needs, and resources unlike ingest's keep Ray Data from fusing ingest into the
     encoder actors, so ingest spreads over every CPU while the encoder pool stays fixed."""
+    placement = {"label_selector": dict(cfg.encoder_labels)} if cfg.encoder_labels else {}
     if cfg.num_gpus > 0:
-        return {"num_gpus": 1, "num_cpus": cfg.encoder_cpus}
+        return {"num_gpus": 1, "num_cpus": cfg.encoder_cpus, **placement}
     weights = Path(resolve_checkpoint(Path(cfg.checkpoint), cfg.model_config)[0]).stat().st_size
-    return {"num_gpus": 0, "num_cpus": cfg.encoder_cpus, "memory": 2 * weights + (512 << 20)}
+    return {"num_gpus": 0, "num_cpus": cfg.encoder_cpus, "memory": 2 * weights + (512 << 20), **placement}
 
 
 def run_job(cfg: JobConfig) -> dict:

@@ -10,6 +10,15 @@ import kernels
 from encoder_service.model.cache import CausalCache, with_causal_context
 
 
+class Sequence(nn.ModuleList):
+    """Layers applied in order, each given the causal cache (keys `<name>.0`, `<name>.1`, ... as released)."""
+
+    def forward(self, x, cache: CausalCache | None = None):
+        for layer in self:
+            x = layer(x, cache)
+        return x
+
+
 class FrameConv2d(nn.Conv2d):
     """A 2D convolution applied to every frame on its own (keys `<name>.weight`, `.bias`)."""
 
@@ -111,6 +120,14 @@ class Attention(nn.Module):
         o = blocked_attention(tokens(self.q), tokens(self.k), tokens(self.v))
         o = o.reshape(b, t, h, w, c).permute(0, 4, 1, 2, 3)
         return x + self.proj_out(o)
+
+
+class MidBlock(Sequence):
+    """ResNet block, spatial attention (if the config uses it), ResNet block: `cin -> width -> cout`."""
+
+    def __init__(self, cin: int, width: int, cout: int, use_attention: bool):
+        super().__init__([ResnetBlock3D(cin, width), *([Attention(width)] if use_attention else []),
+                          ResnetBlock3D(width, cout)])
 
 
 class Downsample(nn.Module):

@@ -18,6 +18,11 @@ _BLOCKS = {
     "attention_type": "AttnBlock3DFix",
 }
 _SUPPORTED = {"norm_type": ("layernorm",), "t_interpolation": ("trilinear",)}
+# Sizes are checked before anything is built: a config.json with latent_dim=10**9 would allocate
+# gigabytes, encoder_num_resblocks=10**7 build modules for minutes. The released models sit far inside.
+_BOUNDS = {"latent_dim": (1, 256), "base_channels": (1, 2048), "encoder_num_resblocks": (1, 16),
+           "encoder_energy_flow_hidden_size": (1, 4096), "decoder_num_resblocks": (1, 16),
+           "decoder_energy_flow_hidden_size": (1, 4096), "connect_res_layer_num": (1, 16)}
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,10 @@ class WFVAEConfig:
     name: str = "custom"
 
     def __post_init__(self):
+        for key, (lo, hi) in _BOUNDS.items():
+            value = getattr(self, key)
+            if type(value) is not int or not lo <= value <= hi:
+                raise ValueError(f"WF-VAE config: {key}={value!r} must be an integer in [{lo}, {hi}]")
         for key, allowed in _SUPPORTED.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"WF-VAE config: {key}={getattr(self, key)!r} is not supported "

@@ -41,14 +41,10 @@ class _HaarModule(nn.Module):
         """The state-dict entries this module should hold, by full key."""
         return {prefix + key: value for key, value in self._layout().items()}
 
-    def reset_constants(self) -> None:
-        state = self.state_dict()
-        for key, value in self._layout().items():
-            state[key].copy_(value)
-
 
 class HaarWaveletTransform3D(_HaarModule):
-    """Encoder 3D transform; filters stored as frozen params `<f>_conv.conv.weight`."""
+    """Encoder 3D transform's filters, stored as frozen params `<f>_conv.conv.weight` (the encoder
+    computes all its transforms at once with kernels.haar_pyramid)."""
 
     def __init__(self):
         super().__init__()
@@ -60,10 +56,6 @@ class HaarWaveletTransform3D(_HaarModule):
 
     def _layout(self):
         return {f"{name}_conv.conv.weight": v for name, v in filters_3d().items()}
-
-    def forward(self, x, cache: CausalCache | None = None):
-        first = cache is None or not cache.seen(self)
-        return kernels.haar3d(x, causal_pad=first)
 
 
 class _BufferHaar(_HaarModule):
@@ -78,11 +70,10 @@ class _BufferHaar(_HaarModule):
 
 
 class HaarWaveletTransform2D(_BufferHaar):
+    """The encoder's level-1 2D transform's filters (computed in kernels.haar_pyramid)."""
+
     def __init__(self):
         super().__init__(filters_2d)
-
-    def forward(self, x, cache=None):
-        return kernels.haar2d(x)
 
 
 class InverseHaarWaveletTransform2D(_BufferHaar):

@@ -52,7 +52,7 @@ class WFVAE(nn.Module):
         encoder N frames at a time with the causal cache; the result equals the whole-clip one."""
         x = check_video(x, self.dtype)
         if chunk_frames is None:
-            return DiagonalGaussian(self.encoder(x)[0])
+            return DiagonalGaussian(self.encoder(x))
         stream = EncoderStream(self, chunk_frames)
         posterior = stream.push(x)
         stream.close()
@@ -64,7 +64,7 @@ class WFVAE(nn.Module):
         the decoder runs M latent frames at a time; the result equals the whole-clip one."""
         z = check_latent(z, self.config.latent_dim, self.dtype)
         if chunk_latents is None:
-            return self.decoder(z)[0]
+            return self.decoder(z)
         return DecoderStream(self, chunk_latents).push(z, final=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -104,7 +104,7 @@ class EncoderStream:
             n = min(usable // 4 * 4, self.chunk_frames) + (1 if first else 0)
             if usable < 0 or n == 0:
                 break
-            out.append(self.vae.encoder(x[:, :, :n], self.cache)[0])
+            out.append(self.vae.encoder(x[:, :, :n], self.cache))
             x, self.frames_in = x[:, :, n:], self.frames_in + n
         self.pending = x if x.shape[2] else None
         return DiagonalGaussian(torch.cat(out, dim=2)) if out else None
@@ -141,7 +141,7 @@ class DecoderStream:
 
 
 def _cat_frames(outputs) -> torch.Tensor | None:
-    frames = [o[0] for o in outputs if o is not None]
+    frames = [o for o in outputs if o is not None]
     return torch.cat(frames, dim=2) if frames else None
 
 

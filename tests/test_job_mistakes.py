@@ -1,0 +1,98 @@
+"""Mistakes a user makes: each is one line and a non-zero exit, before Ray starts, in seconds, with
+no traceback. Option values are argparse usage errors (exit 2); paths and settings are checked by
+the job (exit 2 as well)."""
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import GOLDEN
+from encoder_service.model import WFVAEConfig
+from encoder_service.samples import write_tar, write_video
+
+ROOT = Path(__file__).resolve().parents[1]
+CKPT = str(GOLDEN / "weights.safetensors")
+
+
+@pytest.fixture(scope="module")
+def shard(tmp_path_factory):
+    d = tmp_path_factory.mktemp("in")
+    video = write_video(d / "v.mp4", frames=12, h=48, w=64)
+    return write_tar(d / "shard-000000.tar", [("a", {"mp4": video.read_bytes()})]), video
+
+
+def run_cli(*args, timeout=60):
+    start = time.time()
+    result = subprocess.run([sys.executable, str(ROOT / "pipelines" / "encode_dataset.py"), *args],
+                            capture_output=True, text=True, timeout=timeout)
+    return result, time.time() - start
+
+
+def base(shard, out):
+    return ["--input", str(shard), "--output", str(out), "--checkpoint", CKPT]
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--num-frames", "16", "4k\\+1"),
+    ("--size", "100x100", "multiples of 8"),
+    ("--size", "256", "HxW"),
+    ("--clips-per-video", "2", "first, all, uniform:N or random:N"),
+    ("--precision", "fp16", "precision must be one of"),
+    ("--chunk-frames", "6", "multiple of 4"),
+    ("--batch-size", "0", "batch size must be in"),
+    ("--buckets", "33x256", "TxHxW"),
+    ("--ingest-labels", "gpu", "key=value"),
+])
+def test_bad_option_values_are_usage_errors(shard, tmp_path, flag, value, message):
+    result, seconds = run_cli(*base(shard[0], tmp_path / "out"), flag, value)
+    assert result.returncode == 2 and seconds < 10
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("encode_dataset.py: error:") and __import__("re").search(message, last), last
+
+
+def test_bad_paths_and_inputs_are_one_line_before_ray(shard, tmp_path):
+    good_shard, video = shard
+    (tmp_path / "a-file").write_text("x")
+    cases = [
+        (["--input", str(good_shard), "--output", str(tmp_path / "o"), "--checkpoint", str(tmp_path / "nope")],
+         "does not exist"),
+        (["--input", str(good_shard), "--output", str(tmp_path / "a-file"), "--checkpoint", CKPT], "is a file"),
+        (["--input", str(tmp_path / "none-*.tar"), "--output", str(tmp_path / "o"), "--checkpoint", CKPT],
+         "matches no file"),
+        (["--input", str(video), "--output", str(tmp_path / "o"), "--checkpoint", CKPT], "not a WebDataset shard"),
+        (["--output", str(tmp_path / "o")], "are required"),
+    ]
+    for args, message in cases:
+        result, seconds = run_cli(*args)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and seconds < 10, (args, result.stderr[-2000:])
+        assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr, lines
+
+
+def test_a_config_file_is_read_through_the_same_parsers(shard, tmp_path):
+    config = tmp_path / "job.yaml"
+    config.write_text("num_frames: 16\n")
+    result, _ = run_cli("--config-file", str(config), *base(shard[0], tmp_path / "o"))
+    assert result.returncode == 2 and "num_frames" in result.stderr and "4k+1" in result.stderr
+    config.write_text("nmu_frames: 17\n")
+    result, _ = run_cli("--config-file", str(config), *base(shard[0], tmp_path / "o"))
+    assert result.returncode == 2 and "unknown options ['nmu_frames']" in result.stderr
+
+
+@pytest.mark.parametrize("key, value", [("latent_dim", 10 ** 9), ("encoder_num_resblocks", 10 ** 7),
+                                        ("base_channels", 0), ("latent_dim", 16.5)])
+def test_model_config_values_are_bounded_before_anything_is_built(tmp_path, key, value):
+    raw = json.loads((GOLDEN / "config.json").read_text())
+    start = time.time()
+    with pytest.raises(ValueError, match=f"{key}="):
+        WFVAEConfig.from_dict({**raw, key: value})
+    assert time.time() - start < 1
+    (tmp_path / "config.json").write_text(json.dumps({**raw, key: value}))
+    (tmp_path / "w.safetensors").write_bytes((GOLDEN / "weights.safetensors").read_bytes())
+    result, seconds = run_cli("--input", "x.tar", "--output", str(tmp_path / "o"), "--checkpoint",
+                              str(tmp_path / "w.safetensors"))
+    assert result.returncode == 2 and seconds < 10 and f"{key}=" in result.stderr
