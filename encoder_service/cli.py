@@ -1,4 +1,5 @@
-"""Command line: `python -m encoder_service reconstruct|encode VIDEO --checkpoint PATH ...`."""
+"""Command line: `python -m encoder_service reconstruct|encode VIDEO --checkpoint PATH ...` and
+`python -m encoder_service inspect OUTPUT` (also installed as `wfvae`)."""
 import argparse
 import json
 import sys
@@ -33,7 +34,21 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--chunk-frames", type=options.chunk_frames, help="encode with the causal cache, N frames at a time")
         s.add_argument("--out", required=True)
     sub.choices["reconstruct"].add_argument("--chunk-latents", type=int, help="decode M latent frames at a time")
+    i = sub.add_parser("inspect", help="what an output folder holds: shards, ledger, statistics, QA")
+    i.add_argument("output", help="the job's --output folder (local or s3://)")
+    i.add_argument("--input", nargs="+", help="the job's --input, to list pending shards")
+    i.add_argument("--s3-endpoint-url")
+    i.add_argument("--examples", type=int, default=3, help="example messages per ledger reason")
+    i.add_argument("--json", action="store_true", help="the report as JSON")
     return p
+
+
+def inspect_command(args) -> int:
+    from encoder_service.inspect import format_report, inspect_folder
+    from encoder_service.storage import StorageOptions
+    report = inspect_folder(args.output, args.input, StorageOptions(endpoint_url=args.s3_endpoint_url), args.examples)
+    print(json.dumps(report, indent=1, sort_keys=True) if args.json else format_report(report))
+    return 0
 
 
 def load_clip(args) -> tuple[np.ndarray, list[int], float]:
@@ -71,6 +86,8 @@ def write_video(path: str, frames: np.ndarray, fps: float) -> None:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "inspect":
+        return inspect_command(args)
     try:
         vae = WFVAE.from_pretrained(args.checkpoint, config=args.config, dtype=args.dtype, device=args.device)
         frames, indices, clip_fps = load_clip(args)

@@ -42,7 +42,21 @@ DEFINITIONS = {
     "wfvae_job_eta_seconds": ("gauge", "Estimated seconds until the run finishes", ()),
     "wfvae_job_runs": ("counter", "Finished runs by outcome: succeeded, failed (a shard failed or the run raised)",
                        ("outcome",)),
+    "wfvae_latent_channel_mean": ("gauge", "This run's per-channel mean of the latent means or logvars",
+                                  ("tensor", "channel")),
+    "wfvae_latent_channel_std": ("gauge", "This run's per-channel standard deviation of the latent means or logvars",
+                                 ("tensor", "channel")),
+    "wfvae_latent_mean_shift_ratio": ("gauge", "Largest per-channel shift of this run's latent mean from the "
+                                      "output folder's history, in historical standard deviations (0: no history)",
+                                      ("tensor",)),
+    "wfvae_latent_std_ratio": ("gauge", "Largest per-channel ratio between this run's latent std and the folder's "
+                               "history, either way (1: no history)", ("tensor",)),
+    "wfvae_qa_drift_ratio": ("gauge", "Relative L2 of QA clips' stored means against an fp32 (TF32 off) encode",
+                             ("stat",)),
+    "wfvae_qa_psnr_decibels": ("gauge", "Mean PSNR of QA clips decoded from their stored means", ()),
+    "wfvae_qa_ssim": ("gauge", "Mean SSIM of QA clips decoded from their stored means", ()),
 }
+UNITLESS = ("wfvae_latent_channel_mean", "wfvae_latent_channel_std", "wfvae_qa_ssim")  # values without a unit
 
 
 @functools.cache

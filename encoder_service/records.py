@@ -7,6 +7,7 @@ of each is derived from its fields here, and so is the conversion to and from Ar
     Unit        ingest -> encode: the clips (and their pixels) of one encoder call, one shard
     ShardEnd    ingest -> encode -> driver: a shard's totals, its ingest ledger, or why it failed
     DataFile    a written Parquet file: name, rows, bytes, sha256
+    QaRow       one quality-checked clip: drift against an fp32 encode, reconstruction PSNR/SSIM
     UnitResult  encode -> driver: what one encoder call wrote (never the latents themselves)
     StageRow    the one row type of each stream between Ray stages (a unit, a result or an end)
 """
@@ -93,6 +94,15 @@ class ChannelStats:
 
 
 @dataclass(frozen=True)
+class QaRow:
+    key: str
+    drift_mean: float             # relative L2 of the stored mean against an fp32 (TF32 off) encode
+    drift_logvar: float           # the same for logvar
+    psnr: float                   # the stored mean decoded (fp32, causal-cache chunks) against the clip, dB
+    ssim: float
+
+
+@dataclass(frozen=True)
 class UnitResult:
     shard_id: str
     index: int
@@ -103,6 +113,7 @@ class UnitResult:
     failure: str | None = None    # set: a fault (not the input) persisted; the shard is not committed
     mean_stats: ChannelStats | None = None
     logvar_stats: ChannelStats | None = None
+    qa: list[QaRow] = dataclasses.field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -169,5 +180,5 @@ def from_table(table: pa.Table, cls) -> list:
     return [from_dict(cls, row) for row in table.to_pylist()]
 
 
-__all__ = ["ChannelStats", "Clip", "DataFile", "LatentRow", "LedgerRow", "ShardEnd", "StageRow", "Unit",
+__all__ = ["ChannelStats", "Clip", "DataFile", "LatentRow", "LedgerRow", "QaRow", "ShardEnd", "StageRow", "Unit",
            "UnitResult", "from_dict", "from_table", "schema", "to_table"]

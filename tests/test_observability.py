@@ -17,7 +17,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import GOLDEN
-from encoder_service.metrics import DEFINITIONS
+from encoder_service.metrics import DEFINITIONS, UNITLESS
 from encoder_service.samples import write_tar, write_video
 from services import CLUSTER_ENV, free_port, prometheus, ray_head, require_prometheus
 
@@ -59,7 +59,8 @@ def test_dashboard_is_well_formed_and_uses_only_exported_metrics():
         for target in panel["targets"]:
             used = {m.removesuffix("_bucket") for m in re.findall(r"ray_wfvae_\w+", target["expr"])}
             assert used and used <= known, (panel["title"], used - known)
-    for topic in ("Throughput", "latency", "Errors", "busy", "memory", "Progress", "ETA", "by node"):
+    for topic in ("Throughput", "latency", "Errors", "busy", "memory", "Progress", "ETA", "by node",
+                  "Latent statistics", "drift", "QA"):
         assert any(topic in p["title"] for p in panels()), f"no panel for {topic}"
 
 
@@ -137,7 +138,8 @@ def test_every_dashboard_query_has_data_from_a_real_run(shards, tmp_path):
             [sys.executable, os.path.join(ROOT, "pipelines", "encode_dataset.py"), "--input", shards,
              "--output", str(out), "--checkpoint", str(GOLDEN / "weights.safetensors"), "--num-frames", "9",
              "--size", "32x32", "--clips-per-video", "all", "--num-gpus", "0", "--precision", "fp32",
-             "--batch-size", "2", "--ray-address", gcs, "--metrics-linger-s", "3", "--progress-every-s", "2"],
+             "--batch-size", "2", "--ray-address", gcs, "--metrics-linger-s", "3", "--progress-every-s", "2",
+             "--qa-fraction", "0.3"],
             env={**os.environ, **CLUSTER_ENV, **fast_push}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         texts = scrape_while(proc, f"http://127.0.0.1:{metrics_port}/metrics")
         log = proc.communicate(timeout=400)[0]
@@ -177,6 +179,6 @@ def check_exposition(texts: list[str]) -> None:
         assert family is not None, f"ray_{name} was never exported"
         assert family.type == kind and family.documentation == description, name
     for name in DEFINITIONS:
-        unit_ok = name.endswith(("_seconds", "_bytes", "_ratio")) or DEFINITIONS[name][0] == "counter" \
-            or name == "wfvae_job_shards_planned"
+        unit_ok = name.endswith(("_seconds", "_bytes", "_ratio", "_decibels")) or DEFINITIONS[name][0] == "counter" \
+            or name == "wfvae_job_shards_planned" or name in UNITLESS
         assert unit_ok and not name.endswith("_total"), f"{name}: name a unit, and let the counter add _total"

@@ -12,8 +12,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from encoder_service import metrics
+from encoder_service.job import latent_stats, qa
 from encoder_service.job.plan import Plan
-from encoder_service.records import ChannelStats, LedgerRow, ShardEnd, StageRow, UnitResult
+from encoder_service.records import LedgerRow, QaRow, ShardEnd, StageRow, UnitResult
 from encoder_service.shards.schema import SCHEMA_VERSION
 from encoder_service.shards.writer import commit_shard, remove_staging
 from encoder_service.storage import scrub
@@ -46,19 +47,7 @@ class Totals:
     clips_encoded: int = 0                                # as units come back, before their shard commits
     shards_ingested: int = 0                              # end rows seen ...
     clips_ingested: int = 0                               # ... and their clips: for the estimated total
-
-
-def merge_stats(stats: list[ChannelStats | None]) -> dict | None:
-    """Per-channel mean and std from summed statistics."""
-    stats = [s for s in stats if s is not None]
-    if not stats:
-        return None
-    count = [sum(s.count[c] for s in stats) for c in range(len(stats[0].count))]
-    total = [sum(s.sum[c] for s in stats) for c in range(len(count))]
-    squares = [sum(s.sum_sq[c] for s in stats) for c in range(len(count))]
-    mean = [t / n for t, n in zip(total, count)]
-    std = [max(0.0, q / n - m * m) ** 0.5 for q, n, m in zip(squares, count, mean)]
-    return {"count": count, "sum": total, "sum_sq": squares, "mean": mean, "std": std}
+    qa: list = field(default_factory=list)                # QA rows (dicts) of the shards committed
 
 
 class Driver:
@@ -66,6 +55,7 @@ class Driver:
         self.plan, self.states, self.totals = plan, {}, Totals()
         self.committed: dict[str, dict] = {}
         self.on_progress = on_progress or (lambda totals: None)
+        self.history = {kind: latent_stats.of_manifests(plan.history.values(), kind) for kind in ("mean", "logvar")}
 
     def add(self, row: StageRow) -> None:
         if row.shard_id in self.committed or row.shard_id in self.totals.failed:
@@ -100,14 +90,19 @@ class Driver:
         staged = {r.index: r.file for r in results if r.file is not None}
         latents = sum(f.rows for f in staged.values())
         reasons = Counter(f"{row.stage}/{row.reason}" for row in ledger)
+        qa_rows = [q.__dict__ for q in sorted((q for r in results for q in r.qa), key=lambda q: q.key)]
         manifest = {"schema_version": SCHEMA_VERSION, "settings": self.plan.fingerprint, "run": self.plan.run_meta,
-                    "source_url": scrub(state.end.source_url), "clips": state.end.clips, "latents": latents,
-                    "ledger_reasons": dict(sorted(reasons.items())),
-                    "stats": {"mean": merge_stats([r.mean_stats for r in results]),
-                              "logvar": merge_stats([r.logvar_stats for r in results])}}
+                    "checkpoint_sha256": self.plan.run_meta["vae_sha256"], "source_url": scrub(state.end.source_url),
+                    "clips": state.end.clips, "latents": latents, "ledger_reasons": dict(sorted(reasons.items())),
+                    "non_finite_rejected": reasons.get("encode/non_finite_latent", 0),
+                    "stats": {"mean": latent_stats.merge([r.mean_stats for r in results]),
+                              "logvar": latent_stats.merge([r.logvar_stats for r in results])},
+                    "qa": qa_rows}
         self.committed[shard_id] = commit_shard(self.plan.fs, self.plan.root, shard_id, staged, ledger,
                                                 self.plan.run_meta, manifest)
+        self.totals.qa += qa_rows
         self._count(state.end.clips, latents, sum(f.bytes for f in staged.values()), reasons)
+        self._report_quality()
         metrics.observe("wfvae_write_seconds", time.perf_counter() - start)
 
     def _count(self, clips: int, latents: int, latent_bytes: int, reasons: Counter) -> None:
@@ -122,9 +117,31 @@ class Driver:
             stage, reason = key.split("/", 1)
             metrics.inc("wfvae_errors", n, stage=stage, reason=reason)
 
+    def quality(self) -> dict:
+        """This run's latent statistics, their drift against the folder's history, and the QA figures."""
+        run = {kind: latent_stats.of_manifests(self.committed.values(), kind) for kind in ("mean", "logvar")}
+        return {"stats": run, "drift": {kind: latent_stats.drift(run[kind], self.history[kind]) for kind in run},
+                "drift_bounds": {"mean_shift_ratio": latent_stats.MAX_MEAN_SHIFT,
+                                 "std_ratio": latent_stats.MAX_STD_RATIO},
+                "qa": qa.summarize(self.totals.qa)}
+
+    def _report_quality(self) -> None:
+        report = self.quality()
+        for kind, stats in report["stats"].items():
+            for c, (mean, std) in enumerate(zip(stats["mean"], stats["std"]) if stats else ()):
+                metrics.set_gauge("wfvae_latent_channel_mean", mean, tensor=kind, channel=str(c))
+                metrics.set_gauge("wfvae_latent_channel_std", std, tensor=kind, channel=str(c))
+            metrics.set_gauge("wfvae_latent_mean_shift_ratio", report["drift"][kind]["mean_shift_ratio"], tensor=kind)
+            metrics.set_gauge("wfvae_latent_std_ratio", report["drift"][kind]["std_ratio"], tensor=kind)
+        if report["qa"]:
+            for stat in ("mean", "p99", "max"):
+                metrics.set_gauge("wfvae_qa_drift_ratio", report["qa"]["drift_mean"][stat], stat=stat)
+            metrics.set_gauge("wfvae_qa_psnr_decibels", report["qa"]["psnr_db"])
+            metrics.set_gauge("wfvae_qa_ssim", report["qa"]["ssim"])
+
     def unfinished(self) -> dict[str, str]:
         """Shards whose rows never all arrived (the stream ended early): failed, uncommitted."""
         return {shard_id: "the run ended before all of the shard's units came back" for shard_id in self.states}
 
 
-__all__ = ["Driver", "LedgerRow", "Totals", "merge_stats"]
+__all__ = ["Driver", "LedgerRow", "QaRow", "Totals"]

@@ -36,6 +36,7 @@ class Plan:
     root: str                               # the output folder inside its filesystem
     fs: object
     manifests: dict                         # shard id -> manifest, of the skipped shards
+    history: dict                           # shard id -> manifest, of every shard committed before this run
 
 
 def expand_inputs(patterns: list[str], storage: StorageOptions | None = None) -> list[str]:
@@ -96,21 +97,24 @@ def adopt_settings(fs, root: str, settings: dict, overwrite: bool) -> str:
 
 
 def plan_shards(urls: list[str], fs, root: str, fp: str, overwrite: bool, verify: str):
-    """(shards to run as (url, shard_id), shard ids skipped because complete, their manifests)."""
+    """(shards to run as (url, shard_id), shard ids skipped because complete, their manifests,
+    every readable manifest found: the folder's history)."""
     ids = [shard_id_of(u) for u in urls]
     dupes = sorted({i for i in ids if ids.count(i) > 1})
     if dupes:
         raise JobError(f"input shards share output names {dupes[:5]}: shard ids come from file names, "
                        "so shards in different folders must have different names")
-    todo, skipped, manifests = [], [], {}
+    todo, skipped, manifests, history = [], [], {}, {}
     for url, shard_id in zip(urls, ids):
         verdict = shard_status(fs, root, shard_id, fp, verify)
+        if verdict.manifest:
+            history[shard_id] = verdict.manifest
         if verdict.status == ShardStatus.COMPLETE and not overwrite:
             skipped.append(shard_id)
             manifests[shard_id] = verdict.manifest
         else:
             todo.append((url, shard_id))
-    return todo, skipped, manifests
+    return todo, skipped, manifests, history
 
 
 def clean_leftovers(fs, root: str) -> None:
@@ -134,8 +138,8 @@ def prepare(cfg: JobConfig) -> Plan:
     model, digest, run_meta = model_identity(cfg)
     settings = cfg.latent_settings(digest, model.to_dict())
     fp = adopt_settings(fs, root, settings, cfg.overwrite)
-    todo, skipped, manifests = plan_shards(urls, fs, root, fp, cfg.overwrite, cfg.verify_existing)
+    todo, skipped, manifests, history = plan_shards(urls, fs, root, fp, cfg.overwrite, cfg.verify_existing)
     if cfg.max_shards is not None:
         todo = todo[:cfg.max_shards]
     clean_leftovers(fs, root)
-    return Plan(urls, todo, skipped, settings, fp, {**run_meta, "settings": fp}, model, root, fs, manifests)
+    return Plan(urls, todo, skipped, settings, fp, {**run_meta, "settings": fp}, model, root, fs, manifests, history)

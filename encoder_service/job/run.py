@@ -47,7 +47,7 @@ def build_dataset(cfg: JobConfig, plan: Plan, registry):
                         batch_size=1, batch_format="pyarrow", num_cpus=cfg.ingest_cpus,
                         label_selector=dict(cfg.ingest_labels) or None)
     spec = EncoderSpec(cfg.checkpoint, cfg.model_config, cfg.precision, cfg.device, cfg.encoder_cpus, cfg.batch_size,
-                       cfg.chunk_frames, cfg.store_logvar, cfg.output, storage, plan.run_meta)
+                       cfg.chunk_frames, cfg.store_logvar, cfg.output, storage, plan.run_meta, cfg.qa_fraction, cfg.seed)
     # Ray Data restarts dead pool actors and retries their calls (max_restarts=-1, max_task_retries=-1);
     # job/faults.py bounds the retries of a unit that keeps failing.
     return ds.map_batches(EncodeUnits, fn_constructor_args=(spec, registry), batch_size=1, batch_format="pyarrow",
@@ -115,13 +115,27 @@ def _run(cfg: JobConfig, plan: Plan) -> dict:
     failed = {**driver.totals.failed, **driver.unfinished()}
     progress.close(driver.totals)
     folder = folder_summary(plan.fs, plan.root, {**plan.manifests, **driver.committed})
-    record = _run_record(cfg, plan, driver.totals, failed, progress)
+    record = {**_run_record(cfg, plan, driver.totals, failed, progress), "quality": driver.quality()}
     write_records(plan.fs, plan.root, folder, record)
     print("[summary] " + scrub(str({k: record[k] for k in ("shards_done", "shards_skipped", "shards_failed",
                                                             "clips", "latents", "errors", "clips_per_s")})), flush=True)
+    _print_quality(record["quality"])
     for shard_id, reason in sorted(failed.items()):
         print(f"[failed] {shard_id}: {reason}", file=sys.stderr, flush=True)
     return record
+
+
+def _print_quality(quality: dict) -> None:
+    drift = quality["drift"]["mean"]
+    if drift["history"]:
+        print(f"[quality] latent means moved {drift['mean_shift_ratio']:.3f} historical std (bound "
+              f"{quality['drift_bounds']['mean_shift_ratio']}), std ratio {drift['std_ratio']:.3f} (bound "
+              f"{quality['drift_bounds']['std_ratio']}){': DRIFT' if drift['alert'] else ''}", flush=True)
+    if quality["qa"]:
+        q = quality["qa"]
+        print(f"[quality] {q['clips']} QA clips: drift vs fp32 mean {q['drift_mean']['mean']:.2e} max "
+              f"{q['drift_mean']['max']:.2e}; reconstruction PSNR {q['psnr_db']:.2f} dB SSIM {q['ssim']:.4f} "
+              "(meaningful for trained weights only)", flush=True)
 
 
 def _consume(ds, driver: Driver) -> None:

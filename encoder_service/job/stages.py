@@ -21,6 +21,7 @@ from encoder_service import metrics
 from encoder_service.engine import ClipRejected, LatentEncoder
 from encoder_service.ingest.clips import IngestConfig, IngestedClip, ShardUnavailable, ingest_shard
 from encoder_service.job import faults
+from encoder_service.job.qa import QualityCheck, selected
 from encoder_service.job.units import UnitBuilder, UnitPlan
 from encoder_service.options import dtype_name
 from encoder_service.records import (ChannelStats, Clip, LatentRow, LedgerRow, ShardEnd, StageRow, Unit, UnitResult,
@@ -79,6 +80,8 @@ class EncoderSpec:
     output: str
     storage: StorageOptions
     run_meta: dict
+    qa_fraction: float = 0.0
+    qa_seed: int = 0
 
 
 def resolve_device(choice: str) -> str:
@@ -108,6 +111,7 @@ class EncodeUnits:
         self.encoder = LatentEncoder.load(spec.checkpoint, spec.model_config, spec.precision, device, spec.chunk_frames)
         fs, root = filesystem(spec.output, spec.storage)
         self.writer = StagingWriter(fs, root, spec.run_meta)
+        self.qa = QualityCheck(spec.checkpoint, spec.model_config, device, spec.chunk_frames) if spec.qa_fraction else None
         self.injection = faults.Injection.from_env()
         self.last_return = None  # end of the previous call: the gap to the next is time spent waiting
 
@@ -138,7 +142,7 @@ class EncodeUnits:
 
     def encode_unit(self, unit: Unit, frames: np.ndarray) -> UnitResult:
         start, spec = time.perf_counter(), self.spec
-        latents, ledger, means, logvars = [], [], [], []
+        latents, ledger, good = [], [], []  # good: (position in the unit, mean, logvar) of each latent
         for lo in range(0, len(unit.clips), spec.batch_size):
             clips = unit.clips[lo:lo + spec.batch_size]
             try:
@@ -153,11 +157,20 @@ class EncodeUnits:
                     continue
                 latents.append(latent_row(clip, out.mean[j], out.logvar[j] if spec.store_logvar else None,
                                           spec.run_meta))
-                means.append(out.mean[j])
-                logvars.append(out.logvar[j])
+                good.append((lo + j, out.mean[j], out.logvar[j]))
         file = self.writer.write(unit.shard_id, unit.index, latents) if latents else None
-        return UnitResult(unit.shard_id, unit.index, len(unit.clips), file, ledger, time.perf_counter() - start,
-                          mean_stats=channel_stats(means), logvar_stats=channel_stats(logvars))
+        encode_seconds = time.perf_counter() - start
+        return UnitResult(unit.shard_id, unit.index, len(unit.clips), file, ledger, encode_seconds,
+                          mean_stats=channel_stats([m for _, m, _ in good]),
+                          logvar_stats=channel_stats([v for _, _, v in good]), qa=self._quality(unit, frames, good))
+
+    def _quality(self, unit: Unit, frames: np.ndarray, good: list) -> list:
+        sample = [g for g in good if selected(unit.clips[g[0]].key, self.spec.qa_seed, self.spec.qa_fraction)]
+        if not self.qa or not sample:
+            return []
+        positions = [p for p, _, _ in sample]
+        return self.qa.check([unit.clips[p] for p in positions], frames[positions], [m for _, m, _ in sample],
+                             [v for _, _, v in sample])
 
     def _fault(self, unit: Unit, key: str, exc: Exception) -> UnitResult:
         import ray

@@ -5,8 +5,7 @@ import time
 import uuid
 from collections import Counter
 
-from encoder_service.job.driver import merge_stats
-from encoder_service.records import ChannelStats
+from encoder_service.job import latent_stats, qa
 from encoder_service.shards import layout
 from encoder_service.shards.manifest import list_manifests, read_manifest
 from encoder_service.shards.writer import put_bytes
@@ -27,12 +26,10 @@ def folder_summary(fs, root: str, known: dict[str, dict]) -> dict:
             "latents": sum(m["latents"] for m in manifests), "ledger_rows": sum(reasons.values()),
             "ledger_by_reason": dict(sorted(reasons.items())),
             "latent_file_bytes": sum(f["bytes"] for m in manifests for f in m["files"]),
-            "stats": {kind: merge_stats([_stats(m, kind) for m in manifests]) for kind in ("mean", "logvar")}}
-
-
-def _stats(manifest: dict, kind: str) -> ChannelStats | None:
-    s = (manifest.get("stats") or {}).get(kind)
-    return ChannelStats(s["count"], s["sum"], s["sum_sq"]) if s else None
+            "non_finite_rejected": sum(m.get("non_finite_rejected", 0) for m in manifests),
+            "checkpoints": sorted({m.get("checkpoint_sha256", "") for m in manifests} - {""}),
+            "stats": {kind: latent_stats.of_manifests(manifests, kind) for kind in ("mean", "logvar")},
+            "qa": qa.summarize([row for m in manifests for row in m.get("qa", [])])}
 
 
 def write_records(fs, root: str, folder: dict, run: dict) -> None:

@@ -1,0 +1,69 @@
+"""The quality check that runs beside production: a seeded sample of clips (--qa-fraction) is
+re-encoded in fp32 with TF32 off (drift of the production precision: relative L2 of mean and
+logvar) and its stored mean is decoded (fp32, causal-cache chunks) and compared with the clip's
+frames (PSNR/SSIM). With random weights (the demo's) the reconstruction only proves the mechanism.
+"""
+import hashlib
+
+import numpy as np
+import torch
+
+from encoder_service.engine import LatentEncoder, numerics
+from encoder_service.options import PRECISIONS
+from encoder_service.quality import psnr, ssim
+from encoder_service.records import Clip, QaRow
+
+DECODE_CHUNK_LATENTS = 4
+
+
+def selected(key: str, seed: int, fraction: float) -> bool:
+    """Whether a clip is in the QA sample: a hash of (seed, key), so the same clips every run."""
+    if fraction <= 0:
+        return False
+    value = int.from_bytes(hashlib.sha256(f"{seed}/qa/{key}".encode()).digest()[:8], "little") / 2 ** 64
+    return value < fraction
+
+
+def rel_l2(got: torch.Tensor, want: torch.Tensor) -> float:
+    want = want.double()
+    return float((got.double() - want).norm() / want.norm().clamp_min(1e-30))
+
+
+class QualityCheck:
+    def __init__(self, checkpoint: str, model_config, device: str, chunk_frames):
+        self.reference = LatentEncoder.load(checkpoint, model_config, "fp32", device, chunk_frames)
+
+    def check(self, clips: list[Clip], frames: np.ndarray, means: list[torch.Tensor],
+              logvars: list[torch.Tensor]) -> list[QaRow]:
+        """frames (N, T, H, W, 3) uint8 of the sampled clips; their stored means and logvars."""
+        ref = self.reference.encode(frames)
+        rows = []
+        for i, clip in enumerate(clips):
+            video = self._decode(means[i])
+            target = torch.from_numpy(np.ascontiguousarray(frames[i])).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
+            rows.append(QaRow(clip.key, rel_l2(means[i], ref.mean[i]), rel_l2(logvars[i], ref.logvar[i]),
+                              psnr(video, target), ssim(video, target)))
+        return rows
+
+    @torch.no_grad()
+    def _decode(self, mean: torch.Tensor) -> torch.Tensor:
+        vae = self.reference.vae
+        with numerics(PRECISIONS["fp32"]):
+            z = mean[None].to(self.reference.device, torch.float32)
+            return vae.decode(z, chunk_latents=DECODE_CHUNK_LATENTS).float().cpu()
+
+
+def summarize(rows: list[dict]) -> dict | None:
+    """mean / p99 / max of the drifts, mean PSNR and SSIM over QA rows (dicts of QaRow fields)."""
+    if not rows:
+        return None
+    out = {"clips": len(rows)}
+    for name in ("drift_mean", "drift_logvar"):
+        values = np.array([r[name] for r in rows])
+        out[name] = {"mean": float(values.mean()), "p99": float(np.quantile(values, 0.99)), "max": float(values.max())}
+    finite = [r["psnr"] for r in rows if np.isfinite(r["psnr"])]
+    out["psnr_db"] = float(np.mean(finite)) if finite else float("inf")
+    out["ssim"] = float(np.mean([r["ssim"] for r in rows]))
+    out["note"] = ("reconstruction figures reflect the checkpoint: with random weights (e.g. the demo's) they "
+                   "only show that the check runs")
+    return out
