@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup prometheus test demo bench clean
+.PHONY: setup system-deps test demo bench clean
 
 setup: $(STAMP)
 
@@ -15,17 +15,26 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
 
-# Debian's prometheus + promtool for the metrics integration test (root, or sudo without a password)
-prometheus:
-	@command -v prometheus >/dev/null || { \
+# Debian's prometheus + promtool (the metrics integration test) and ffmpeg (the ingest benchmark's
+# reference command), installed if missing (root, or sudo without a password)
+system-deps:
+	@command -v prometheus >/dev/null && command -v ffmpeg >/dev/null || { \
 	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus ffmpeg >/dev/null; }
 
-test: setup prometheus
+test: setup system-deps
 	$(BIN)/python -m pytest -q tests
 
 demo: setup
 	$(BIN)/python pipelines/encode_dataset.py --demo
+
+# the CPU benchmarks (results/*_cpu.json + plots); GPU ones: see README "Benchmarks"
+bench: setup
+	$(BIN)/python -m benchmarks.bench_ingest
+	$(BIN)/python -m benchmarks.bench_pipeline
+	$(BIN)/python -m benchmarks.bench_reader
+	$(BIN)/python -m benchmarks.bench_chunk_memory
+	$(BIN)/python -m benchmarks.bench_kernels --device cpu --frames 9 --size 64 --channels 32
 
 clean:
 	rm -rf $(VENV) demo_output

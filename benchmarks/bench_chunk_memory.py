@@ -1,7 +1,7 @@
 """Peak memory of chunked (causal-cache) encode and decode versus clip length.
 
-    python benchmarks/bench_chunk_memory.py                     # CPU, small model, 64x64
-    python benchmarks/bench_chunk_memory.py --device cuda --preset wfvae-l-16chn --size 256
+    python -m benchmarks.bench_chunk_memory                     # CPU, small model, 64x64
+    python -m benchmarks.bench_chunk_memory --device cuda --preset wfvae-l-16chn --size 256
 
 At a fixed chunk size the peak must not grow with the clip (target: T=257 within 1.2x of T=33);
 whole-clip inference is measured beside it for contrast. Chunked encode is `vae.encode(x,
@@ -11,14 +11,11 @@ needs O(T) memory for the result itself). Writes benchmarks/results/<name>.json
 and a plot. Peak = bytes allocated during the call beyond what existed before (weights, input).
 """
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import RESULTS, axes, environment, save_plot, peak_memory, write_json  # noqa: E402
-from encoder_service import WFVAE, WFVAEConfig  # noqa: E402
+from benchmarks.common import RESULTS, axes, environment, peak_memory, save_plot, write_json
+from encoder_service import WFVAE, WFVAEConfig
 
 SMALL = WFVAEConfig(latent_dim=8, base_channels=16, encoder_energy_flow_hidden_size=16,
                     decoder_energy_flow_hidden_size=16, connect_res_layer_num=2, scale=(0.18215,) * 8,
@@ -32,8 +29,8 @@ def measure(vae, t, size, device, chunk_frames, chunk_latents, whole):
     plans = [("chunked", chunk_frames, chunk_latents)] + ([("whole", None, None)] if whole else [])
     for mode, cf, cl in plans:
         rows.append({"mode": mode, "T": t, "chunk_frames": cf, "chunk_latents": cl, "op": "encode",
-                     "peak_bytes": peak_memory(lambda: vae.encode(x, chunk_frames=cf), device)})
-        decode = (lambda: vae.decode(z)) if cl is None else (lambda: stream_decode(vae, z, cl))
+                     "peak_bytes": peak_memory(lambda cf=cf: vae.encode(x, chunk_frames=cf), device)})
+        decode = (lambda: vae.decode(z)) if cl is None else (lambda cl=cl: stream_decode(vae, z, cl))
         rows.append({"mode": mode, "T": t, "chunk_frames": cf, "chunk_latents": cl, "op": "decode",
                      "peak_bytes": peak_memory(decode, device)})
     return rows
@@ -79,7 +76,8 @@ def main():
         for t in (int(v) for v in args.lengths.split(",")):
             rows += measure(vae, t, args.size, args.device, args.chunk_frames, args.chunk_latents,
                             whole=t <= args.whole_up_to)
-            print(" ".join(f"{r['op']}/{r['mode']} T={t}: {r['peak_bytes'] / 2**20:.1f} MiB" for r in rows if r["T"] == t))
+            print(" ".join(f"{r['op']}/{r['mode']} T={t}: {r['peak_bytes'] / 2**20:.1f} MiB"
+                           for r in rows if r["T"] == t))
     growth = {op: max(r["peak_bytes"] for r in rows if r["op"] == op and r["mode"] == "chunked")
               / min(r["peak_bytes"] for r in rows if r["op"] == op and r["mode"] == "chunked")
               for op in ("encode", "decode")}

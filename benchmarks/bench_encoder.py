@@ -2,18 +2,19 @@
 beside the official WF-VAE code and diffusers' CogVideoX and Wan VAEs, in one run.
 
     # on an H100/H200 (official code: a local checkout of github.com/PKU-YuanGroup/WF-VAE, not committed)
-    python benchmarks/bench_encoder.py --official-repo /path/to/WF-VAE
+    python -m benchmarks.bench_encoder --official-repo /path/to/WF-VAE
     # CPU smoke run (what tests/test_benchmarks.py runs): tiny model, tiny shapes
-    python benchmarks/bench_encoder.py --smoke --device cpu
+    python -m benchmarks.bench_encoder --smoke --device cpu
 
 All models have random weights (speed does not depend on them); every implementation gets the same
 uint8 clips: ours takes them as uint8 (its pipeline input), the others as float in [-1, 1] made
 outside the timed region. Per (impl, model, shape, batch, dtype): median latency of --repeats runs
 after --warmup (CUDA events), clips/s, peak memory, FLOPs counted once by torch's FlopCounterMode,
-TFLOP/s and its fraction of the device's measured matmul peak (bf16 on GPU, fp32 on CPU), and per (impl, model, shape) the
-relative L2 error of the bf16 latent mean against fp32. Tiling and slicing of the diffusers models
-are off. One JSON record per measurement in benchmarks/results/encoder_<device>.json, and a plot of
-latency per clip against peak memory per clip (as the paper's Fig. 4).
+TFLOP/s and its fraction of the device's measured matmul peak (bf16 on GPU, fp32 on CPU), and per
+(impl, model, shape) the relative L2 error of the bf16 latent mean against fp32. Tiling and slicing
+of the diffusers models are off. One JSON record per measurement in
+benchmarks/results/encoder_<device>.json, and a plot of latency per clip against peak memory per
+clip (as the paper's Fig. 4).
 """
 import argparse
 import json
@@ -24,11 +25,10 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import RESULTS, axes, environment, median_time, peak_memory, save_plot  # noqa: E402
-from encoder_service.engine import LatentEncoder  # noqa: E402
-from encoder_service.model import WFVAE  # noqa: E402
-from encoder_service.model.config import PRESETS, WFVAEConfig  # noqa: E402
+from benchmarks.common import RESULTS, axes, environment, median_time, peak_memory, save_plot
+from encoder_service.engine import LatentEncoder
+from encoder_service.model import WFVAE
+from encoder_service.model.config import PRESETS, WFVAEConfig
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 PRECISION = {"bfloat16": "bf16", "float32": "fp32"}
@@ -114,7 +114,8 @@ def measure(encode, frames, device, args) -> dict:
     batch = frames.shape[0]
     return {"latency_ms": seconds * 1e3, "latency_per_clip_ms": seconds * 1e3 / batch, "clips_per_s": batch / seconds,
             "frames_per_s": batch * frames.shape[1] / seconds, "peak_mem_bytes": int(mem),
-            "peak_mem_per_clip_bytes": int(mem / batch), "flops_per_clip": flops / batch, "tflops": flops / seconds / 1e12}
+            "peak_mem_per_clip_bytes": int(mem / batch), "flops_per_clip": flops / batch,
+            "tflops": flops / seconds / 1e12}
 
 
 def clips(shape, batch, device, seed=0):

@@ -2,8 +2,8 @@
 GB/s against the device's measured copy bandwidth (issue target: >= 70 % for the Haar pyramid and
 LayerNorm+SiLU on an H100/H200).
 
-    python benchmarks/bench_kernels.py --device cuda                 # WF-VAE-L sizes, 33x512x512
-    python benchmarks/bench_kernels.py --device cpu --frames 9 --size 64 --channels 32   # CPU, no Triton
+    python -m benchmarks.bench_kernels --device cuda                 # WF-VAE-L sizes, 33x512x512
+    python -m benchmarks.bench_kernels --device cpu --frames 9 --size 64 --channels 32   # CPU, no Triton
 
 Bytes are the ideal traffic (every input read once, every output written once). The "official"
 rows re-create the released code's formulation from the spec: the 3D Haar transform as eight
@@ -12,16 +12,14 @@ four filters; LayerNorm as permute to channels-last, F.layer_norm, permute back,
 Writes benchmarks/results/kernels_<device>.json and a bar plot.
 """
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import RESULTS, axes, environment, median_time, save_plot, write_json  # noqa: E402
-from kernels import haar_reference, norm_reference  # noqa: E402
-from kernels.haar_reference import HAAR2D_TAP, HAAR3D_TAP  # noqa: E402
+from benchmarks.common import RESULTS, axes, environment, median_time, save_plot, write_json
+from kernels import haar_reference, norm_reference
+from kernels.haar_reference import HAAR2D_TAP, HAAR3D_TAP
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -108,7 +106,7 @@ def run(args) -> dict:
     bandwidth = copy_bandwidth(device, args.repeats)
     rows = []
     for name, (call, nbytes, official) in cases(args, device, dtype).items():
-        fns = {impl: (lambda m=m: call(m)) for impl, m in impls.items()}
+        fns = {impl: (lambda m=m, call=call: call(m)) for impl, m in impls.items()}
         if official is not None:
             fns["official"] = official
         for impl, fn in fns.items():

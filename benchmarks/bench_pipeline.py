@@ -1,31 +1,59 @@
-"""End-to-end job throughput: clips/s and how busy the encoder actors are (waiting for decoded
-input lowers it). Generates shards of H.264 videos, runs the real job on a local Ray cluster.
+"""End-to-end job throughput and what the driver holds, for a dataset and the same dataset 4x over:
+clips/s, how busy the encoder actors are (waiting for decoded input lowers it), the driver's peak
+memory (resident set growth and Python heap) and the bytes it received per clip. Latents never
+reach the driver, so its memory and traffic must stay flat as the dataset grows.
 
-    python benchmarks/bench_pipeline.py                          # CPU: tiny bundled model, 64x64 clips
-    python benchmarks/bench_pipeline.py --num-gpus 1 --checkpoint /models/WF-VAE-L-16Chn \
+    python -m benchmarks.bench_pipeline                          # CPU: tiny bundled model, 64x64 clips
+    python -m benchmarks.bench_pipeline --num-gpus 1 --checkpoint /models/WF-VAE-L-16Chn \\
         --size 512x512 --num-frames 33 --precision bf16 --videos 64 --video-size 540x960
 
 Writes benchmarks/results/pipeline_<cpu|gpu>.json.
 """
 import argparse
-import sys
 import tempfile
+import tracemalloc
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import environment, write_json  # noqa: E402
-from encoder_service.job.config import load_config  # noqa: E402
-from encoder_service.job.demo import DEMO_CHECKPOINT  # noqa: E402
-from encoder_service.job.run import run_job  # noqa: E402
-from encoder_service.samples import write_tar, write_video  # noqa: E402
+import ray
+
+from benchmarks.common import environment, write_json
+from encoder_service.job.config import load_config
+from encoder_service.job.demo import DEMO_CHECKPOINT
+from encoder_service.job.run import run_job
+from encoder_service.options import size
+from encoder_service.samples import write_tar, write_video
 
 
 def make_shards(root: Path, shards: int, videos: int, frames: int, hw: tuple[int, int]) -> str:
+    video = write_video(root / "v.mp4", frames=frames, h=hw[0], w=hw[1]).read_bytes()
     for s in range(shards):
-        samples = [(f"v{v:04d}", {"mp4": write_video(root / f"{s}_{v}.mp4", frames=frames, h=hw[0], w=hw[1]).read_bytes()})
-                   for v in range(videos)]
-        write_tar(root / f"shard-{s:06d}.tar", samples)
+        write_tar(root / f"shard-{s:06d}.tar", [(f"v{v:04d}", {"mp4": video}) for v in range(videos)])
     return str(root / f"shard-{{000000..{shards - 1:06d}}}.tar")
+
+
+def _hwm_bytes() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM"):
+            return int(line.split()[1]) << 10
+    return 0
+
+
+def measured_run(args, shards: int, root: Path) -> dict:
+    pattern = make_shards(root, shards, args.videos, args.video_frames, size(args.video_size))
+    cfg = load_config(["--input", pattern, "--output", str(root / "out"), "--checkpoint", args.checkpoint,
+                       "--num-frames", str(args.num_frames), "--size", args.size, "--clips-per-video", "all",
+                       "--num-gpus", str(args.num_gpus), "--precision", args.precision, "--qa-fraction", "0",
+                       "--batch-size", str(args.batch_size), "--metrics-linger-s", "0"])
+    open("/proc/self/clear_refs", "w").write("5")  # reset the resident-set high-water mark
+    rss_before = _hwm_bytes()
+    tracemalloc.start()
+    record = run_job(cfg)
+    _, heap_peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    keys = ("shards_done", "clips", "latents", "seconds", "clips_per_s", "encoder_busy_fraction")
+    return {"shards": shards, **{k: record[k] for k in keys}, "driver_rss_growth_bytes": _hwm_bytes() - rss_before,
+            "driver_python_heap_peak_bytes": heap_peak,
+            "driver_bytes_received_per_clip": round(record["driver_bytes_received"] / max(1, record["clips"]), 1)}
 
 
 def main():
@@ -36,24 +64,24 @@ def main():
     p.add_argument("--size", default="64x64")
     p.add_argument("--num-frames", type=int, default=17)
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--shards", type=int, default=4)
+    p.add_argument("--shards", type=int, default=3, help="the base dataset; the second run has 4x as many")
     p.add_argument("--videos", type=int, default=6, help="videos per shard")
-    p.add_argument("--video-frames", type=int, default=40)
+    p.add_argument("--video-frames", type=int, default=52)
     p.add_argument("--video-size", default="144x176")
     args = p.parse_args()
-    with tempfile.TemporaryDirectory() as d:
-        pattern = make_shards(Path(d), args.shards, args.videos, args.video_frames,
-                              tuple(int(v) for v in args.video_size.split("x")))
-        cfg, _ = load_config(["--input", pattern, "--output", str(Path(d) / "out"), "--checkpoint", args.checkpoint,
-                              "--num-frames", str(args.num_frames), "--size", args.size, "--clips-per-video", "all",
-                              "--num-gpus", str(args.num_gpus), "--precision", args.precision,
-                              "--batch-size", str(args.batch_size), "--metrics-linger-s", "0"])
-        summary = run_job(cfg)
+    ray.init(num_gpus=args.num_gpus or None, log_to_driver=False)  # before measuring: Ray's start is not the driver's
+    runs = []
+    for factor in (1, 4):
+        with tempfile.TemporaryDirectory() as d:
+            runs.append(measured_run(args, args.shards * factor, Path(d)))
+            print(runs[-1], flush=True)
     device = "gpu" if args.num_gpus else "cpu"
-    keys = ("shards_done", "clips", "latents", "errors", "seconds", "clips_per_s", "encoder_busy_fraction")
     record = {"benchmark": "pipeline", "env": environment("cuda" if args.num_gpus else "cpu"), **vars(args),
-              **{k: summary[k] for k in keys}}
-    print({k: summary[k] for k in keys})
+              "runs": runs,
+              "ratios_4x_over_1x": {k: round(runs[1][k] / max(1e-9, runs[0][k]), 3) for k in
+                                    ("clips_per_s", "driver_rss_growth_bytes", "driver_python_heap_peak_bytes",
+                                     "driver_bytes_received_per_clip")}}
+    print(record["ratios_4x_over_1x"])
     print("wrote", write_json(f"pipeline_{device}", record))
 
 

@@ -1,37 +1,36 @@
 """Latent shards into a DataLoader: samples/s and MB/s of latent bytes (local disk, CPU).
 
-    python benchmarks/bench_reader.py --shards 4 --rows 256 --latent 16x9x32x32 --workers 0,2
+    python -m benchmarks.bench_reader --shards 4 --rows 256 --latent 16x9x32x32 --workers 0,2
 """
 import argparse
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import environment, write_json  # noqa: E402
-from encoder_service.shards import LatentShardDataset, ShardWriter, encode_tensor  # noqa: E402
-from encoder_service.storage import filesystem  # noqa: E402
+from benchmarks.common import environment, write_json
+from encoder_service.records import LatentRow
+from encoder_service.shards import LatentShardDataset, StagingWriter, commit_shard, encode_tensor
+from encoder_service.storage import filesystem
 
 RUN = {"vae_name": "bench", "vae_sha256": "0" * 64, "precision": "bf16", "pipeline_version": "bench"}
 
 
 def make_shards(directory: str, shards: int, rows: int, shape: tuple[int, ...]) -> int:
-    fs, path = filesystem(directory)
-    writer, g = ShardWriter(fs, path, RUN), torch.Generator().manual_seed(0)
+    """Output-folder shards as the job writes them (one data file each)."""
+    fs, root = filesystem(directory)
+    writer, g = StagingWriter(fs, root, RUN), torch.Generator().manual_seed(0)
     for s in range(shards):
         records = []
         for i in range(rows):
-            mean = torch.randn(shape, generator=g).bfloat16()
-            records.append({"key": f"{s:06d}/{i:06d}/0", "source_url": "bench", "source_key": str(i), "clip_index": 0,
-                            "frame_indices": list(range(33)), "src_fps": 30.0, "clip_fps": 30.0, "src_hw": [256, 256],
-                            "crop_box": [0, 0, 256, 256], "bucket": "33x256x256", "metadata": "null",
-                            "mean": encode_tensor(mean), "logvar": encode_tensor(mean), "latent_shape": list(shape),
-                            "latent_dtype": "bfloat16", "scale": [1.0] * shape[0], "shift": [0.0] * shape[0], **RUN})
-        writer.write(f"{s:06d}", records, [])
+            mean = encode_tensor(torch.randn(shape, generator=g).bfloat16())
+            records.append(LatentRow(f"{s:06d}/{i:06d}/0", "bench", str(i), 0, list(range(33)), 30.0, 30.0,
+                                     [256, 256], 0, [0, 0, 256, 256], "33x256x256", "null", mean, mean, list(shape),
+                                     "bfloat16", RUN["vae_name"], RUN["vae_sha256"], [1.0] * shape[0],
+                                     [0.0] * shape[0], RUN["precision"], RUN["pipeline_version"]))
+        commit_shard(fs, root, f"{s:06d}", {0: writer.write(f"{s:06d}", 0, records)}, [], RUN,
+                     {"clips": rows, "latents": rows})
     return 2 * torch.Size(shape).numel() * 2  # mean + logvar, bf16
 
 

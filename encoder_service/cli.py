@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from encoder_service import options
 from encoder_service.ingest.decoders import VideoError, get_decoder, probe
 from encoder_service.ingest.geometry import plan_geometry
-from encoder_service.model import CheckpointError, WFVAE
+from encoder_service.model import WFVAE, CheckpointError
 from encoder_service.quality import psnr, ssim
 
 
@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--decoder", choices=options.DECODERS, default="pyav")
         s.add_argument("--dtype", type=options.dtype, default="fp32", help=f"one of {', '.join(options.DTYPES)}")
         s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-        s.add_argument("--chunk-frames", type=options.chunk_frames, help="encode with the causal cache, N frames at a time")
+        s.add_argument("--chunk-frames", type=options.chunk_frames,
+                       help="encode with the causal cache, N frames at a time")
         s.add_argument("--out", required=True)
     sub.choices["reconstruct"].add_argument("--chunk-latents", type=int, help="decode M latent frames at a time")
     i = sub.add_parser("inspect", help="what an output folder holds: shards, ledger, statistics, QA")

@@ -78,8 +78,9 @@ def format_report(report: dict) -> str:
         lines += [f"    {e['key']}: {e['message']}" for e in entry["examples"]]
     stats = report["stats"]["mean"]
     if stats:
-        lines.append("latent means per channel: " + ", ".join(f"{m:+.3f}±{s:.3f}" for m, s in zip(stats["mean"], stats["std"])))
-    if report["last_run_drift"]:
+        lines.append("latent means per channel: "
+                     + ", ".join(f"{m:+.3f}±{s:.3f}" for m, s in zip(stats["mean"], stats["std"])))
+    if report["last_run_drift"] and report["last_run_drift"]["mean"]["history"]:
         d = report["last_run_drift"]["mean"]
         lines.append(f"last run vs history: mean shift {d['mean_shift_ratio']:.3f} std, std ratio {d['std_ratio']:.3f}"
                      + (" (DRIFT)" if d.get("alert") else ""))

@@ -43,8 +43,9 @@ def write_size_change_video(path: Path, small: tuple[int, int], large: tuple[int
 
 def write_vfr_video(path: Path, frames: int = 40, h: int = 64, w: int = 80) -> Path:
     """H.264 with irregular frame spacing (alternating 20 ms and 60 ms): variable frame rate."""
-    import av
     from fractions import Fraction
+
+    import av
     with av.open(str(path), "w") as c:
         s = c.add_stream("libx264", rate=25)
         s.height, s.width, s.pix_fmt = h, w, "yuv420p"
@@ -72,13 +73,10 @@ def write_audio_only(path: Path) -> Path:
 
 
 def write_tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> Path:
-    """A WebDataset shard: members `<key>.<ext>` in sample order."""
-    import io
-    import tarfile
-    with tarfile.open(path, "w") as tar:
+    """A WebDataset shard, written as users write theirs (webdataset.TarWriter): members
+    `<key>.<ext>` in sample order, raw bytes, a fixed mtime so the same samples give the same tar."""
+    import webdataset as wds
+    with wds.TarWriter(str(path), encoder=False, mtime=0) as sink:
         for key, members in samples:
-            for ext, data in members.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
+            sink.write({"__key__": key, **members})
     return path

@@ -59,15 +59,14 @@ def is_local(fs) -> bool:
     return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
 
 
-def retry(fn, *, attempts: int = 5, base_delay: float = 0.5, what: str = "storage call"):
-    """Call fn() until it succeeds, backing off exponentially on OSError (network, throttling)."""
-    for attempt in range(attempts):
+def retry(fn, *, attempts: int = 5, base_delay: float = 0.5):
+    """Call fn() until it succeeds, backing off exponentially on OSError (network, throttling);
+    the last failure is raised. A missing file is an answer, not a failure."""
+    for attempt in range(attempts - 1):
         try:
             return fn()
         except FileNotFoundError:
             raise
         except OSError:
-            if attempt == attempts - 1:
-                raise
             time.sleep(base_delay * 2 ** attempt)
-    raise AssertionError(what)
+    return fn()

@@ -102,10 +102,12 @@ def wait_job_agent(dashboard: str, timeout: float = 120.0) -> None:
     raise RuntimeError(f"the Ray job agent at {dashboard} did not come up within {timeout}s")
 
 
-def stop(proc: subprocess.Popen) -> None:
+def stop(proc: subprocess.Popen, grace_s: float = 5) -> None:
+    """Stop a process group started for a test: SIGTERM, then SIGKILL after `grace_s` (a Ray head
+    takes half a minute to stop gracefully, and nothing of it is kept)."""
     os.killpg(proc.pid, signal.SIGTERM)
     try:
-        proc.wait(30)
+        proc.wait(grace_s)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(10)

@@ -5,9 +5,9 @@ import sys
 
 import pytest
 import torch
-
 from conftest import max_abs, random_vae, small_config
-from encoder_service import DiagonalGaussian, WFVAE
+
+from encoder_service import DiagonalGaussian
 
 
 @pytest.fixture(scope="module")

@@ -1,17 +1,14 @@
 """The benchmark scripts run (CPU smoke mode) and compare what they claim to compare."""
 import json
-import sys
 from argparse import Namespace
-from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks import bench_encoder, bench_kernels  # noqa: E402
-from encoder_service.model import WFVAE  # noqa: E402
-from encoder_service.model.config import PRESETS  # noqa: E402
-from kernels import haar_reference, norm_reference  # noqa: E402
+from benchmarks import bench_encoder, bench_ingest, bench_kernels
+from encoder_service.model import WFVAE
+from encoder_service.model.config import PRESETS
+from kernels import haar_reference, norm_reference
 
 FIELDS = ("device", "torch", "impl", "model", "shape", "batch", "dtype", "clips_per_s", "latency_ms",
           "peak_mem_bytes", "tflops")
@@ -56,3 +53,11 @@ def test_kernel_benchmark_smoke():
     kinds = {(r["kernel"], r["impl"]) for r in payload["results"]}
     assert ("haar_pyramid", "official") in kinds and ("channel_layer_norm_silu", "reference") in kinds
     assert payload["copy_gb_per_s"] > 0 and all(r["gb_per_s"] > 0 for r in payload["results"])
+
+
+def test_ingest_benchmark_smoke(tmp_path):
+    """Ours beside the ffmpeg reference command on the same source, one core."""
+    payload = bench_ingest.main(["--quick", "--repeats", "1", "--out", str(tmp_path / "ingest.json")])
+    assert {r["decoder"] for r in payload["records"]} == {"pyav", "decord"}
+    assert all(r["ours_fps"] > 0 and r["ffmpeg_fps_without_startup"] > 0 and r["ratio"] > 0 for r in payload["records"])
+    assert (tmp_path / "ingest.png").exists()

@@ -5,10 +5,10 @@ import shutil
 
 import pytest
 import torch
+from conftest import GOLDEN, max_abs
 from safetensors.torch import load_file, save_file
 
-from conftest import GOLDEN, max_abs
-from encoder_service import CheckpointError, WFVAE
+from encoder_service import WFVAE, CheckpointError
 
 CONSTANT_MARKERS = ("wavelet_transform",)
 

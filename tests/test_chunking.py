@@ -6,7 +6,6 @@ import random
 
 import pytest
 import torch
-
 from conftest import max_abs, random_vae, small_config
 
 LENGTHS = [1, 5, 9, 13, 17, 21, 25, 33, 65]
@@ -47,7 +46,8 @@ def test_chunked_encode_equals_whole(model, t):
 def test_chunked_decode_equals_whole(model, t):
     latents = (t - 1) // 4 + 1
     for vae, dtype in zip(model, (torch.float64, torch.float32)):
-        z = torch.randn(1, vae.config.latent_dim, latents, 2, 2, dtype=dtype, generator=torch.Generator().manual_seed(t))
+        z = torch.randn(1, vae.config.latent_dim, latents, 2, 2, dtype=dtype,
+                        generator=torch.Generator().manual_seed(t))
         whole = vae.decode(z)
         assert whole.shape[2] == t
         for m in DEC_CHUNKS[:-1]:
@@ -157,6 +157,6 @@ def test_chunked_memory_does_not_grow_with_clip_length():
     with torch.no_grad():
         for t in (33, 257):
             x, z = video(t, 32, 32, dtype=torch.float32), torch.randn(1, 8, (t - 1) // 4 + 1, 4, 4)
-            peaks[t] = (peak_memory(lambda: vae.encode(x, chunk_frames=8), "cpu"),
-                        peak_memory(lambda: stream_decode(vae, z, 2), "cpu"))
+            peaks[t] = (peak_memory(lambda x=x: vae.encode(x, chunk_frames=8), "cpu"),
+                        peak_memory(lambda z=z: stream_decode(vae, z, 2), "cpu"))
     assert peaks[257][0] <= 1.2 * peaks[33][0] and peaks[257][1] <= 1.2 * peaks[33][1], peaks

@@ -10,13 +10,13 @@ import time
 import pyarrow.dataset
 import pytest
 import ray
-from ray.cluster_utils import Cluster
-
 from conftest import GOLDEN
+from ray.cluster_utils import Cluster
+from test_job import files
+
 from encoder_service.job.config import load_config
 from encoder_service.job.run import run_job
 from encoder_service.samples import write_tar, write_video
-from test_job import files
 
 pytestmark = pytest.mark.slow
 SHARDS, VIDEOS = 6, 4

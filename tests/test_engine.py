@@ -4,11 +4,11 @@ of the float32 mean on the tiny random-weight golden model (its measured value i
 import numpy as np
 import pytest
 import torch
-
 from conftest import GOLDEN
+
 from encoder_service.engine import ClipRejected, LatentEncoder, auto_chunk_frames, numerics
-from encoder_service.options import PRECISIONS
 from encoder_service.model import WFVAE
+from encoder_service.options import PRECISIONS
 
 CKPT = str(GOLDEN / "weights.safetensors")
 

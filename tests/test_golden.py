@@ -2,10 +2,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import GOLDEN, max_abs
 from safetensors.torch import load_file
 
 import kernels
-from conftest import GOLDEN, max_abs
 
 # fp32: 1e-4 on moments/coefficients (observed ~2e-6), 2e-4 on decoded; fp64: 1e-10 (observed ~1e-14)
 TOL = {torch.float32: (1e-4, 2e-4), torch.float64: (1e-10, 1e-10)}

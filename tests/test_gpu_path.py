@@ -11,10 +11,10 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import max_abs
 from torch._prims_common import suggest_memory_format
 from torch.overrides import TorchFunctionMode
 
-from conftest import max_abs
 from encoder_service.engine import to_channels_last_3d
 from encoder_service.model.blocks import blocked_attention
 

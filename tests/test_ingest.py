@@ -7,6 +7,7 @@ import tracemalloc
 
 import numpy as np
 import pytest
+from hostile import hostile_shard
 
 from encoder_service.ingest.clips import IngestConfig, IngestedClip, ShardUnavailable, ingest_shard
 from encoder_service.ingest.decoders import get_decoder, probe
@@ -16,7 +17,6 @@ from encoder_service.ingest.tar_stream import safe_key
 from encoder_service.options import OptionError, bucket
 from encoder_service.records import LedgerRow
 from encoder_service.samples import pattern, write_audio_only, write_tar, write_vfr_video, write_video
-from hostile import hostile_shard
 
 H, W = 64, 80
 DECODERS = ["pyav", "decord"]
@@ -59,7 +59,8 @@ def shard_of_every_kind(tmp_path, media):
 
 
 def run(url, decoder="pyav", **sampling):
-    cfg = IngestConfig(SamplingConfig(**{"num_frames": 9, "size": (H, W), "max_pixels": 200 * 200, **sampling}), decoder)
+    sampling = {"num_frames": 9, "size": (H, W), "max_pixels": 200 * 200, **sampling}
+    cfg = IngestConfig(SamplingConfig(**sampling), decoder)
     clips, errors = [], []
     for item in ingest_shard(str(url), cfg):
         (clips if isinstance(item, IngestedClip) else errors).append(item)

@@ -10,8 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
-
 from conftest import GOLDEN
+from services import make_bucket, s3_server  # noqa: F401
+
 from encoder_service import WFVAE
 from encoder_service.ingest.clips import IngestConfig, IngestedClip, ingest_shard
 from encoder_service.job.config import load_config
@@ -19,7 +20,6 @@ from encoder_service.job.faults import ENV as FAULTS
 from encoder_service.job.run import JobFailed, run_job
 from encoder_service.samples import write_tar, write_video
 from encoder_service.shards import LatentShardDataset, decode_tensor
-from services import make_bucket, s3_server  # noqa: F401
 
 CKPT = str(GOLDEN / "weights.safetensors")
 pytestmark = pytest.mark.slow
@@ -84,7 +84,7 @@ def test_rows_ledger_and_counts(clean_run):
         errors = pq.read_table(out / manifest["errors"]["name"]).to_pylist()
         assert sum(f["rows"] for f in manifest["files"]) == manifest["latents"] == CLIPS_PER_SHARD
         assert len(errors) == manifest["errors"]["rows"] == 1
-        assert errors[0]["key"] == f"shard-{s:06d}/bad" and "shard-%06d.tar" % s in errors[0]["message"]
+        assert errors[0]["key"] == f"shard-{s:06d}/bad" and f"shard-{s:06d}.tar" in errors[0]["message"]
     folder = json.load(open(out / "summary.json"))
     assert folder["shards"] == 3 and folder["latents"] == 21 and folder["ledger_by_reason"] == {"probe/corrupt": 3}
 
@@ -258,12 +258,15 @@ def test_a_missing_shard_is_not_committed_and_is_encoded_once_it_appears(shards,
     assert second["shards_done"] == 1 and second["shards_skipped"] == 1 and second["shards_failed"] == 0
 
 
+HOSTILE_ARGS = ("--clips-per-video", "first", "--max-pixels", "40000")  # hostile.py's expectations
+
+
 def test_a_hostile_shard_is_committed_once_with_every_sample_accounted_for(tmp_path):
     from hostile import hostile_shard
     media = tmp_path / "media"
     media.mkdir()
     expected = hostile_shard(tmp_path / "shard-000009.tar", media)
-    summary = job(tmp_path / "shard-000009.tar", tmp_path / "out", "--clips-per-video", "first", "--max-pixels", "40000")
+    summary = job(tmp_path / "shard-000009.tar", tmp_path / "out", *HOSTILE_ARGS)
     assert summary["shards_done"] == 1 and summary["shards_failed"] == 0
     latents = pyarrow.dataset.dataset(str(tmp_path / "out" / "latents")).to_table().column("source_key").to_pylist()
     assert sorted(latents) == sorted(expected["good"])
@@ -272,7 +275,7 @@ def test_a_hostile_shard_is_committed_once_with_every_sample_accounted_for(tmp_p
     assert got == expected["ledger"] and len(ledger) == len(expected["ledger"])
     before = files(tmp_path / "out")
     os.unlink(tmp_path / "out" / "_manifests" / "shard-000009.json")
-    job(tmp_path / "shard-000009.tar", tmp_path / "out", "--clips-per-video", "first", "--max-pixels", "40000")
+    job(tmp_path / "shard-000009.tar", tmp_path / "out", *HOSTILE_ARGS)
     assert files(tmp_path / "out") == before, "a redone shard, its ledger included, has the same bytes"
 
 

@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import GOLDEN
+
 from encoder_service.model import WFVAEConfig
 from encoder_service.samples import write_tar, write_video
 

@@ -6,10 +6,10 @@ import os
 import subprocess
 
 import pytest
-
 from conftest import GOLDEN
-from encoder_service.samples import write_tar, write_video
 from services import CLUSTER_ENV, RAY, ray_head
+
+from encoder_service.samples import write_tar, write_video
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
@@ -33,5 +33,5 @@ def test_ray_job_submit(head, tmp_path):
          "--metrics-linger-s", "0"],
         capture_output=True, text=True, timeout=300, env={**os.environ, **CLUSTER_ENV})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "'shards_done': 1" in result.stdout and "'latents': 2" in result.stdout
+    assert '"shards_done": 1' in result.stdout and '"latents": 2' in result.stdout
     assert json.load(open(out / "_manifests" / "shard-000000.json"))["errors"]["rows"] == 1

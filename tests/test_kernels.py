@@ -11,9 +11,9 @@ sentinel fails the test. Tolerances, relative to the largest output magnitude:
 """
 import pytest
 import torch
+from guards import LAYOUTS, like, run_guarded
 
 import kernels
-from guards import LAYOUTS, like, run_guarded
 from kernels import haar_reference, haar_triton, norm_reference, norm_triton
 from kernels.offsets import INT32_LIMIT, largest_offset, needs_int64
 

@@ -4,8 +4,8 @@ import csv
 
 import pytest
 import torch
-
 from conftest import DATA
+
 from encoder_service import WFVAE, WFVAEConfig
 
 

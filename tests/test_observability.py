@@ -14,12 +14,12 @@ import urllib.request
 
 import pytest
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
-
 from conftest import GOLDEN
+from prometheus_client.parser import text_string_to_metric_families
+from services import CLUSTER_ENV, free_port, prometheus, ray_head, require_prometheus
+
 from encoder_service.metrics import DEFINITIONS, UNITLESS
 from encoder_service.samples import write_tar, write_video
-from services import CLUSTER_ENV, free_port, prometheus, ray_head, require_prometheus
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROM_DIR = os.path.join(ROOT, "deploy", "prometheus")

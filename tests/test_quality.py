@@ -10,15 +10,15 @@ import pyarrow.dataset
 import pytest
 import ray
 import torch
-from safetensors.torch import load_file, save_file
-
 from conftest import GOLDEN
+from safetensors.torch import load_file, save_file
+from services import make_bucket, s3_server  # noqa: F401
+
 from encoder_service.job.config import load_config
 from encoder_service.job.qa import selected
 from encoder_service.job.run import run_job
 from encoder_service.samples import write_tar, write_video
 from encoder_service.shards import decode_tensor
-from services import make_bucket, s3_server  # noqa: F401
 
 pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

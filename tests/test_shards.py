@@ -6,14 +6,22 @@ import pyarrow.dataset
 import pyarrow.parquet as pq
 import pytest
 import torch
+from services import make_bucket, s3_server  # noqa: F401
 from torch.utils.data import DataLoader
 
-from encoder_service.records import LatentRow, LedgerRow
-from encoder_service.shards import (LatentShardDataset, ShardError, ShardStatus, StagingWriter, commit_shard,
-                                    encode_tensor, layout, shard_status)
 from encoder_service.options import dtype_name
+from encoder_service.records import LatentRow, LedgerRow
+from encoder_service.shards import (
+    LatentShardDataset,
+    ShardError,
+    ShardStatus,
+    StagingWriter,
+    commit_shard,
+    encode_tensor,
+    layout,
+    shard_status,
+)
 from encoder_service.storage import filesystem
-from services import make_bucket, s3_server  # noqa: F401
 
 RUN = {"vae_name": "wfvae-l-16chn", "vae_sha256": "ab" * 32, "precision": "bf16", "pipeline_version": "test"}
 SHAPES = [(16, 9, 4, 4), (16, 1, 8, 6), (8, 5, 2, 4)]

@@ -10,16 +10,22 @@ used as a ledger row.
 import json
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 
 from encoder_service.ingest.decoders import VideoError, get_decoder, probe
 from encoder_service.ingest.geometry import plan_geometry
 from encoder_service.ingest.sampling import SampleError, SamplingConfig, choose_bucket, plan_clips
-from encoder_service.ingest.tar_stream import (Problem, Sample, ShardTruncated, ShardUnavailable, iter_samples,
-                                               shard_id_of)
+from encoder_service.ingest.tar_stream import (
+    Problem,
+    Sample,
+    ShardTruncated,
+    ShardUnavailable,
+    iter_samples,
+    shard_id_of,
+)
 from encoder_service.options import format_dims
 from encoder_service.records import Clip, LedgerRow
 from encoder_service.storage import StorageOptions, scrub

@@ -10,9 +10,10 @@ otherwise it decodes from frame 0, which is always right) and checks every decod
 size against the pixel limit.
 """
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Protocol
 
 import numpy as np
 

@@ -97,6 +97,8 @@ def _select(cfg, candidates, key):
         return chosen
     n = min(count, len(candidates))
     if mode == "uniform":
-        return [candidates[round(i * (len(candidates) - 1) / max(1, n - 1))] for i in range(n)] if n > 1 else candidates[:1]
+        if n == 1:
+            return candidates[:1]
+        return [candidates[round(i * (len(candidates) - 1) / (n - 1))] for i in range(n)]
     seed = int.from_bytes(hashlib.sha256(f"{cfg.seed}/{key}".encode()).digest()[:8], "little")
     return [candidates[i] for i in sorted(random.Random(seed).sample(range(len(candidates)), n))]

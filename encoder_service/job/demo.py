@@ -31,4 +31,5 @@ def demo_arguments(output_root: Path) -> list[str]:
     pattern = make_demo_shards(output_root / "input")
     return ["--input", pattern, "--output", str(output_root / "output"), "--checkpoint", str(DEMO_CHECKPOINT),
             "--num-frames", "17", "--size", "64x64", "--clips-per-video", "all", "--num-gpus", "0",
-            "--precision", "fp32", "--batch-size", "2", "--progress-every-s", "5", "--metrics-linger-s", "0"]
+            "--precision", "fp32", "--batch-size", "2", "--qa-fraction", "0.5", "--progress-every-s", "5",
+            "--metrics-linger-s", "0"]

@@ -9,8 +9,8 @@ and the run reports it; a later run redoes the shard.
 Test-only injection comes from the environment variable WFVAE_INJECT_FAULTS (JSON), never from
 job options: {"kill_after_calls": N, "marker": PATH} kills an actor once after N calls;
 {"raise_unit": "SHARD/INDEX", "times": K, "marker": PATH} raises a RuntimeError on the first K
-attempts of that unit (a line in PATH for each); {"nan_keys": TEXT} turns the frames of clips whose key contains TEXT into NaN (an input
-problem: those clips become ledger rows).
+attempts of that unit (a line in PATH for each); {"nan_keys": TEXT} turns the frames of clips
+whose key contains TEXT into NaN (an input problem: those clips become ledger rows).
 """
 import json
 import os

@@ -36,7 +36,7 @@ def drift(run: dict | None, history: dict | None) -> dict:
     """How far this run's per-channel statistics are from the history's: the largest mean shift in
     historical standard deviations, and the largest std ratio (either way). No history: 0 and 1."""
     if not run or not history or len(run["mean"]) != len(history["mean"]):
-        return {"mean_shift_ratio": 0.0, "std_ratio": 1.0, "history": bool(history)}
+        return {"mean_shift_ratio": 0.0, "std_ratio": 1.0, "history": bool(run and history), "alert": False}
     shift = max(abs(m - h) / max(s, 1e-12) for m, h, s in zip(run["mean"], history["mean"], history["std"]))
     ratio = max(max(a, 1e-12) / max(b, 1e-12) for a, b in zip(run["std"], history["std"]))
     ratio = max(ratio, max(max(b, 1e-12) / max(a, 1e-12) for a, b in zip(run["std"], history["std"])))

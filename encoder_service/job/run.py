@@ -5,6 +5,7 @@
            -> driver: small records per shard; commit when complete (job/driver.py)
 """
 import copy
+import json
 import os
 import re
 import sys
@@ -22,7 +23,7 @@ from encoder_service.job.config import JobConfig, to_json
 from encoder_service.job.driver import Driver, Totals
 from encoder_service.job.plan import Plan, prepare
 from encoder_service.job.progress import Progress
-from encoder_service.job.stages import EncodeUnits, EncoderSpec, ingest_shards
+from encoder_service.job.stages import EncoderSpec, EncodeUnits, ingest_shards
 from encoder_service.job.summary import folder_summary, write_records
 from encoder_service.job.units import MAX_UNIT_FRAME_BYTES, UnitPlan
 from encoder_service.model.wfvae import resolve_checkpoint
@@ -47,7 +48,8 @@ def build_dataset(cfg: JobConfig, plan: Plan, registry):
                         batch_size=1, batch_format="pyarrow", num_cpus=cfg.ingest_cpus,
                         label_selector=dict(cfg.ingest_labels) or None)
     spec = EncoderSpec(cfg.checkpoint, cfg.model_config, cfg.precision, cfg.device, cfg.encoder_cpus, cfg.batch_size,
-                       cfg.chunk_frames, cfg.store_logvar, cfg.output, storage, plan.run_meta, cfg.qa_fraction, cfg.seed)
+                       cfg.chunk_frames, cfg.store_logvar, cfg.output, storage, plan.run_meta, cfg.qa_fraction,
+                       cfg.seed)
     # Ray Data restarts dead pool actors and retries their calls (max_restarts=-1, max_task_retries=-1);
     # job/faults.py bounds the retries of a unit that keeps failing.
     return ds.map_batches(EncodeUnits, fn_constructor_args=(spec, registry), batch_size=1, batch_format="pyarrow",
@@ -117,8 +119,9 @@ def _run(cfg: JobConfig, plan: Plan) -> dict:
     folder = folder_summary(plan.fs, plan.root, {**plan.manifests, **driver.committed})
     record = {**_run_record(cfg, plan, driver.totals, failed, progress), "quality": driver.quality()}
     write_records(plan.fs, plan.root, folder, record)
-    print("[summary] " + scrub(str({k: record[k] for k in ("shards_done", "shards_skipped", "shards_failed",
-                                                            "clips", "latents", "errors", "clips_per_s")})), flush=True)
+    print("[summary] " + scrub(json.dumps({k: record[k] for k in ("shards_done", "shards_skipped", "shards_failed",
+                                                                   "clips", "latents", "errors", "clips_per_s")})),
+          flush=True)
     _print_quality(record["quality"])
     for shard_id, reason in sorted(failed.items()):
         print(f"[failed] {shard_id}: {reason}", file=sys.stderr, flush=True)

@@ -24,8 +24,18 @@ from encoder_service.job import faults
 from encoder_service.job.qa import QualityCheck, selected
 from encoder_service.job.units import UnitBuilder, UnitPlan
 from encoder_service.options import dtype_name
-from encoder_service.records import (ChannelStats, Clip, LatentRow, LedgerRow, ShardEnd, StageRow, Unit, UnitResult,
-                                     from_dict, to_table)
+from encoder_service.records import (
+    ChannelStats,
+    Clip,
+    LatentRow,
+    LedgerRow,
+    ShardEnd,
+    StageRow,
+    Unit,
+    UnitResult,
+    from_dict,
+    to_table,
+)
 from encoder_service.shards.schema import encode_tensor
 from encoder_service.shards.writer import StagingWriter
 from encoder_service.storage import StorageOptions, filesystem, scrub
@@ -111,7 +121,8 @@ class EncodeUnits:
         self.encoder = LatentEncoder.load(spec.checkpoint, spec.model_config, spec.precision, device, spec.chunk_frames)
         fs, root = filesystem(spec.output, spec.storage)
         self.writer = StagingWriter(fs, root, spec.run_meta)
-        self.qa = QualityCheck(spec.checkpoint, spec.model_config, device, spec.chunk_frames) if spec.qa_fraction else None
+        self.qa = (QualityCheck(spec.checkpoint, spec.model_config, device, spec.chunk_frames)
+                   if spec.qa_fraction else None)
         self.injection = faults.Injection.from_env()
         self.last_return = None  # end of the previous call: the gap to the next is time spent waiting
 

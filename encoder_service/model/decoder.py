@@ -10,8 +10,16 @@ the main-path frames it belongs to (`_aligned`).
 import torch
 from torch import nn
 
-from encoder_service.model.blocks import (CausalConv3d, ChannelNorm, FrameConv2d, MidBlock, ResnetBlock3D, Sequence,
-                                          Spatial2xTime2x3DUpsample, Upsample)
+from encoder_service.model.blocks import (
+    CausalConv3d,
+    ChannelNorm,
+    FrameConv2d,
+    MidBlock,
+    ResnetBlock3D,
+    Sequence,
+    Spatial2xTime2x3DUpsample,
+    Upsample,
+)
 from encoder_service.model.cache import CausalCache
 from encoder_service.model.config import WFVAEConfig
 from encoder_service.model.wavelet import InverseHaarWaveletTransform2D, InverseHaarWaveletTransform3D

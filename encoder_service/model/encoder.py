@@ -3,8 +3,17 @@ import torch
 from torch import nn
 
 import kernels
-from encoder_service.model.blocks import (CausalConv3d, ChannelNorm, Downsample, FrameConv2d, MidBlock, ResnetBlock2D,
-                                          ResnetBlock3D, Sequence, Spatial2xTime2x3DDownsample)
+from encoder_service.model.blocks import (
+    CausalConv3d,
+    ChannelNorm,
+    Downsample,
+    FrameConv2d,
+    MidBlock,
+    ResnetBlock2D,
+    ResnetBlock3D,
+    Sequence,
+    Spatial2xTime2x3DDownsample,
+)
 from encoder_service.model.cache import CausalCache
 from encoder_service.model.config import WFVAEConfig
 from encoder_service.model.wavelet import HaarWaveletTransform2D, HaarWaveletTransform3D

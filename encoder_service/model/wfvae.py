@@ -5,8 +5,7 @@ import torch
 from torch import nn
 
 from encoder_service.model.cache import CausalCache
-from encoder_service.model.checkpoint import (WEIGHTS_NAME, CheckpointError, load_weights, read_state_dict,
-                                              sha256_file)
+from encoder_service.model.checkpoint import WEIGHTS_NAME, CheckpointError, load_weights, read_state_dict, sha256_file
 from encoder_service.model.config import WFVAEConfig
 from encoder_service.model.decoder import Decoder
 from encoder_service.model.encoder import Encoder

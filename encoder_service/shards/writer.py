@@ -35,7 +35,8 @@ _DICTIONARY = ["source_url", "bucket", "vae_name", "vae_sha256", "latent_dtype",
                "stage", "reason"]
 
 
-def write_parquet(fs, path: str, rows: list, cls, run_meta: dict, row_group_bytes: int = ROW_GROUP_BYTES) -> tuple[int, str]:
+def write_parquet(fs, path: str, rows: list, cls, run_meta: dict,
+                  row_group_bytes: int = ROW_GROUP_BYTES) -> tuple[int, str]:
     """Write rows (sorted by key) as one Parquet file at path; returns (bytes, sha256)."""
     rows = sorted(rows, key=lambda r: (r.key, getattr(r, "stage", ""), getattr(r, "reason", "")))
     table = records.to_table(rows, cls, run_metadata(run_meta))
@@ -99,7 +100,8 @@ def commit_shard(fs, root: str, shard_id: str, staged: dict[int, DataFile], ledg
     for unit in sorted(staged):
         entry, final = staged[unit], layout.data_name(shard_id, unit)
         fs.makedirs(join(root, layout.LATENTS), exist_ok=True)
-        retry(lambda: fs.mv(join(root, entry.name), join(root, final)))
+        src, dst = join(root, entry.name), join(root, final)
+        retry(lambda src=src, dst=dst: fs.mv(src, dst))
         files.append(DataFile(final, entry.rows, entry.bytes, entry.sha256))
     _remove_stale(fs, root, shard_id, {f.name for f in files})
     errors = layout.errors_name(shard_id)
