@@ -29,9 +29,13 @@ from benchmarks.common import RESULTS, axes, environment, median_time, peak_memo
 from encoder_service.engine import LatentEncoder
 from encoder_service.model import WFVAE
 from encoder_service.model.config import PRESETS, WFVAEConfig
+from encoder_service.options import PRECISIONS, stored_dtype
 
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
-PRECISION = {"bfloat16": "bf16", "float32": "fp32"}
+
+def precision_of(dtype_name: str) -> str:
+    """Our precision policy computing in this dtype (fp32 with TF32 off for float32)."""
+    return next(p.name for p in PRECISIONS.values() if p.compute == stored_dtype(dtype_name) and not p.tf32)
+
 REFERENCE_CONFIGS = Path(__file__).resolve().parents[1] / "tests" / "data"  # released config.json files
 
 
@@ -39,7 +43,7 @@ REFERENCE_CONFIGS = Path(__file__).resolve().parents[1] / "tests" / "data"  # re
 
 def build_ours(model, dtype, device, args):
     vae = WFVAE(smoke_config() if model == "smoke" else PRESETS[model]).to(device)
-    engine = LatentEncoder(vae, PRECISION[dtype], chunk_frames=args.chunk_frames)
+    engine = LatentEncoder(vae, precision_of(dtype), chunk_frames=args.chunk_frames)
     return lambda frames: engine.encode(frames).mean
 
 
@@ -49,17 +53,18 @@ def build_official(model, dtype, device, args):
     sys.path.insert(0, args.official_repo)
     from causalvideovae.model.vae.modeling_wfvae import WFVAEModel
     config = json.loads((REFERENCE_CONFIGS / f"{model}.config.json").read_text())
-    vae = WFVAEModel(**{k: v for k, v in config.items() if not k.startswith("_")}).to(device, DTYPES[dtype]).eval()
-    return _float_input(lambda x: _mean(vae.encode(x)), DTYPES[dtype])
+    vae = WFVAEModel(**{k: v for k, v in config.items() if not k.startswith("_")})
+    vae = vae.to(device, stored_dtype(dtype)).eval()
+    return _float_input(lambda x: _mean(vae.encode(x)), stored_dtype(dtype))
 
 
 def build_diffusers(cls_name):
     def build(model, dtype, device, args):
         import diffusers
-        vae = getattr(diffusers, cls_name)().to(device, DTYPES[dtype]).eval()
+        vae = getattr(diffusers, cls_name)().to(device, stored_dtype(dtype)).eval()
         vae.disable_tiling()
         vae.disable_slicing()
-        return _float_input(lambda x: vae.encode(x).latent_dist.mean, DTYPES[dtype])
+        return _float_input(lambda x: vae.encode(x).latent_dist.mean, stored_dtype(dtype))
     return build
 
 
@@ -189,7 +194,8 @@ def parse(argv):
     p.add_argument("--models", nargs="+", default=["wfvae-l-16chn", "wfvae-s-8chn"])
     p.add_argument("--shapes", nargs="+", default=["33x256x256", "33x512x512", "65x512x512", "33x720x1280"])
     p.add_argument("--batches", nargs="+", type=int, default=[1, 4, 8])
-    p.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"], choices=list(DTYPES))
+    p.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"], choices=["bfloat16", "float32"],
+                   help="compute dtypes (ours: the bf16 and fp32 precision policies)")
     p.add_argument("--chunk-frames", default="auto", help="ours: frames per causal-cache chunk, or auto")
     p.add_argument("--official-repo", help="local checkout of PKU-YuanGroup/WF-VAE")
     p.add_argument("--warmup", type=int, default=3)

@@ -18,10 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import RESULTS, axes, environment, median_time, save_plot, write_json
+from encoder_service import options
 from kernels import haar_reference, norm_reference
 from kernels.haar_reference import HAAR2D_TAP, HAAR3D_TAP
-
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def _filters(n_dims: int, tap: float, device, dtype) -> torch.Tensor:
@@ -98,7 +97,7 @@ def cases(args, device, dtype):
 
 
 def run(args) -> dict:
-    device, dtype = args.device, DTYPES[args.dtype]
+    device, dtype = args.device, options.dtype(args.dtype)
     impls = {"reference": haar_and_norm_reference()}
     if device.startswith("cuda"):
         import kernels.triton_ops as triton_ops
@@ -145,7 +144,7 @@ def plot(payload: dict, path: Path) -> None:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=DTYPES, default="bf16")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--frames", type=int, default=33)
     p.add_argument("--size", type=int, default=512)

@@ -22,6 +22,7 @@ from encoder_service.samples import write_tar, write_video
 from encoder_service.shards import LatentShardDataset, decode_tensor
 
 CKPT = str(GOLDEN / "weights.safetensors")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
 # 3 shards x (3 videos of 20, 26, 32 frames -> 2 + 2 + 3 non-overlapping 9-frame clips, and one broken sample)
 CLIPS_PER_SHARD = 7
@@ -284,3 +285,34 @@ def test_credentials_are_scrubbed_from_everything_written(shards, tmp_path):
     written = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
     assert written and not any(b"s3cr3t" in p.read_bytes() for p in written)
     assert b"http://***@127.0.0.1:9" in (tmp_path / "out" / "summary.json").read_bytes()
+
+
+def test_a_killed_driver_leaves_nothing_wrong_and_a_rerun_completes_identically(clean_run, shards, tmp_path):
+    """SIGKILL the driver once a shard is committed: latents/ then holds only committed shards' files
+    (what plain readers see is right), and the next run completes the folder byte-identically."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    out = tmp_path / "out"
+    args = ["--input", f"{shards}/shard-{{000000..000002}}.tar", "--output", str(out), "--checkpoint", CKPT,
+            "--num-frames", "9", "--size", "32x32", "--clips-per-video", "all", "--num-gpus", "0", "--precision",
+            "fp32", "--batch-size", "2", "--metrics-linger-s", "0", "--ray-address", "local", "--file-mb", "0.01"]
+    proc = subprocess.Popen([sys.executable, "pipelines/encode_dataset.py", *args], cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not (
+            (out / "_manifests").exists() and any((out / "_manifests").iterdir())):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(30)
+    committed = {p.stem for p in (out / "_manifests").iterdir()}
+    assert committed, "the driver was killed after a commit"
+    visible = pyarrow.dataset.dataset(str(out / "latents")).to_table().column("key").to_pylist()
+    assert {k.split("/")[0] for k in visible} <= committed, "only committed shards are visible to plain readers"
+    again = job(f"{shards}/shard-{{000000..000002}}.tar", out, "--file-mb", "0.01")
+    assert again["shards_done"] + again["shards_skipped"] == 3
+    reference = tmp_path / "reference"
+    job(f"{shards}/shard-{{000000..000002}}.tar", reference, "--file-mb", "0.01")
+    assert files(out) == files(reference)

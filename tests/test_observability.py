@@ -144,24 +144,30 @@ def test_every_dashboard_query_has_data_from_a_real_run(shards, tmp_path):
         texts = scrape_while(proc, f"http://127.0.0.1:{metrics_port}/metrics")
         log = proc.communicate(timeout=400)[0]
         assert proc.returncode == 0, log[-4000:]
-        time.sleep(3)  # the last scrape
-        end = time.time()
         summary = json.load(open(out / "summary.json"))["last_run"]
         assert summary["latents"] > 20 and summary["errors"] == 4
-
-        empty = [(p["title"], t["expr"]) for p in panels() for t in p["targets"]
-                 if not any(s["values"] for s in query_range(prom, promql(t["expr"]), start, end))]
+        expected = {"ray_wfvae_latents_written_total": summary["latents"], "ray_wfvae_errors_total": summary["errors"],
+                    "ray_wfvae_clips_encoded_total": summary["latents"], "ray_wfvae_job_runs_total": 1}
+        # until Prometheus has scraped the last values (the driver's final ones come in its last seconds)
+        deadline = time.time() + 60
+        while True:
+            end = time.time()
+            empty = [(p["title"], t["expr"]) for p in panels() for t in p["targets"]
+                     if not any(s["values"] for s in query_range(prom, promql(t["expr"]), start, end))]
+            totals = totals_since(prom, start, end, expected)
+            if (not empty and totals == expected) or time.time() > deadline:
+                break
+            time.sleep(1)
         assert not empty, f"dashboard queries without data: {empty}"
-
-        span = f"[{int(end - start) + 60}s]"
-        totals = {name: sum(float(s["value"][1]) for s in get_json(
-            f"{prom}/api/v1/query?" + urllib.parse.urlencode({"query": f"sum(max_over_time({name}{span}))"}))["result"])
-            for name in ("ray_wfvae_latents_written_total", "ray_wfvae_errors_total",
-                         "ray_wfvae_clips_encoded_total", "ray_wfvae_job_runs_total")}
-    assert totals == {"ray_wfvae_latents_written_total": summary["latents"],
-                      "ray_wfvae_errors_total": summary["errors"],
-                      "ray_wfvae_clips_encoded_total": summary["latents"], "ray_wfvae_job_runs_total": 1}
+    assert totals == expected
     check_exposition(texts)
+
+
+def totals_since(prom: str, start: float, end: float, names) -> dict:
+    span = f"[{int(end - start) + 60}s]"
+    return {name: sum(float(s["value"][1]) for s in get_json(
+        f"{prom}/api/v1/query?" + urllib.parse.urlencode({"query": f"sum(max_over_time({name}{span}))"}))["result"])
+        for name in names}
 
 
 def check_exposition(texts: list[str]) -> None:
