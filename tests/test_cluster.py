@@ -19,7 +19,7 @@ from encoder_service.job.run import run_job
 from encoder_service.samples import write_tar, write_video
 
 pytestmark = pytest.mark.slow
-SHARDS, VIDEOS = 6, 4
+SHARDS, VIDEOS = 4, 3
 
 
 @pytest.fixture(scope="module")

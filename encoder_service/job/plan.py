@@ -14,6 +14,7 @@ from encoder_service.model.checkpoint import CheckpointError, sha256_file
 from encoder_service.model.wfvae import resolve_checkpoint
 from encoder_service.options import precision
 from encoder_service.shards import ShardStatus, layout, shard_status
+from encoder_service.shards.manifest import list_manifests
 from encoder_service.shards.writer import put_bytes
 from encoder_service.storage import StorageOptions, filesystem, glob_urls, is_local, join
 
@@ -118,7 +119,10 @@ def plan_shards(urls: list[str], fs, root: str, fp: str, overwrite: bool, verify
 
 
 def clean_leftovers(fs, root: str) -> None:
-    """Staged files and half-published temporaries of earlier runs (one run per folder at a time)."""
+    """What a crashed run left (one run per folder at a time): staged files, half-published
+    temporaries, and data or ledger files of a shard whose commit was cut off before its manifest
+    (no manifest at all: the shard is redone whole), so plain Parquet readers see only shards
+    that were committed."""
     staging = join(root, layout.STAGING)
     if fs.exists(staging):
         fs.rm(staging, recursive=True)
@@ -126,6 +130,10 @@ def clean_leftovers(fs, root: str) -> None:
         for folder in (layout.LATENTS, layout.ERRORS, layout.MANIFESTS, ""):
             for path in fs.glob(posixpath.join(join(root, folder) if folder else root, "*.tmp-*")):
                 fs.rm(path)
+    committed = set(list_manifests(fs, root))
+    for path in fs.glob(join(root, layout.LATENTS) + "/*.parquet") + fs.glob(join(root, layout.ERRORS) + "/*.parquet"):
+        if layout.shard_of(path.rsplit("/", 1)[1]) not in committed:
+            fs.rm(path)
 
 
 def prepare(cfg: JobConfig) -> Plan:

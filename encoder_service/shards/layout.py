@@ -34,3 +34,12 @@ def staging_dir(shard_id: str) -> str:
 def data_prefix(shard_id: str) -> str:
     """Every data file of a shard starts with this (the shard id is followed by '-' and 5 digits)."""
     return f"{LATENTS}/part-{shard_id}-"
+
+
+def shard_of(file_name: str) -> str | None:
+    """The shard id of a data file name (part-<shard>-<unit>.parquet) or ledger file name."""
+    if file_name.startswith("part-") and file_name.endswith(".parquet"):
+        return file_name[len("part-"):-len(".parquet")].rsplit("-", 1)[0]
+    if file_name.startswith("errors-") and file_name.endswith(".parquet"):
+        return file_name[len("errors-"):-len(".parquet")]
+    return None
