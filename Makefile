@@ -23,7 +23,7 @@ system-deps:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus ffmpeg >/dev/null; }
 
 test: setup system-deps
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 demo: setup
 	$(BIN)/python pipelines/encode_dataset.py --demo

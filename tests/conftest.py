@@ -83,3 +83,15 @@ def backend():
     before = dispatch._backend
     yield kernels.use_backend
     dispatch._backend = before
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray cluster for the job tests, declaring a logical GPU (the GPU scheduling path
+    runs, the encoders use --device cpu); started once and shared by the modules that use it (Ray
+    stops it at exit). Workers inherit the driver's environment: the local S3 server's credentials
+    are set first."""
+    import ray
+    if not ray.is_initialized():
+        os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing")
+        ray.init(address="local", num_cpus=4, num_gpus=1, include_dashboard=False, log_to_driver=False)

@@ -34,6 +34,7 @@ def shards(tmp_path_factory):
 
 @pytest.fixture
 def cluster():
+    ray.shutdown()  # a local cluster of other tests, if any: the driver joins this one
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "labels": {"wfvae-role": "driver"}})
     ingest = [c.add_node(num_cpus=2, labels={"wfvae-role": "ingest"}) for _ in range(2)]
     c.add_node(num_cpus=2, num_gpus=1, labels={"wfvae-role": "encoder"})

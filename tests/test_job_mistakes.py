@@ -2,6 +2,7 @@
 no traceback. Option values are argparse usage errors (exit 2); paths and settings are checked by
 the job (exit 2 as well)."""
 import json
+import re
 import subprocess
 import sys
 import time
@@ -10,8 +11,10 @@ from pathlib import Path
 import pytest
 from conftest import GOLDEN
 
+from encoder_service.job.config import load_config
 from encoder_service.model import WFVAEConfig
 from encoder_service.samples import write_tar, write_video
+from pipelines.encode_dataset import main
 
 ROOT = Path(__file__).resolve().parents[1]
 CKPT = str(GOLDEN / "weights.safetensors")
@@ -46,12 +49,17 @@ def base(shard, out):
     ("--buckets", "33x256", "TxHxW"),
     ("--ingest-labels", "gpu", "key=value"),
 ])
-def test_bad_option_values_are_usage_errors(shard, tmp_path, flag, value, message):
-    result, seconds = run_cli(*base(shard[0], tmp_path / "out"), flag, value)
-    assert result.returncode == 2 and seconds < 10
-    assert "Traceback" not in result.stderr
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("encode_dataset.py: error:") and __import__("re").search(message, last), last
+def test_bad_option_values_are_usage_errors(shard, tmp_path, capsys, flag, value, message):
+    with pytest.raises(SystemExit) as exit_:
+        load_config([*base(shard[0], tmp_path / "out"), flag, value])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_.value.code == 2 and last.startswith("encode_dataset.py: error:") and re.search(message, last), last
+
+
+def test_a_usage_error_is_one_line_and_exit_2_in_seconds(shard, tmp_path):
+    result, seconds = run_cli(*base(shard[0], tmp_path / "out"), "--num-frames", "16")
+    assert result.returncode == 2 and seconds < 10 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("encode_dataset.py: error: argument --num-frames")
 
 
 def test_bad_paths_and_inputs_are_one_line_before_ray(shard, tmp_path):
@@ -73,19 +81,19 @@ def test_bad_paths_and_inputs_are_one_line_before_ray(shard, tmp_path):
         assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr, lines
 
 
-def test_a_config_file_is_read_through_the_same_parsers(shard, tmp_path):
+def test_a_config_file_is_read_through_the_same_parsers(shard, tmp_path, capsys):
     config = tmp_path / "job.yaml"
-    config.write_text("num_frames: 16\n")
-    result, _ = run_cli("--config-file", str(config), *base(shard[0], tmp_path / "o"))
-    assert result.returncode == 2 and "num_frames" in result.stderr and "4k+1" in result.stderr
-    config.write_text("nmu_frames: 17\n")
-    result, _ = run_cli("--config-file", str(config), *base(shard[0], tmp_path / "o"))
-    assert result.returncode == 2 and "unknown options ['nmu_frames']" in result.stderr
+    for text, message in (("num_frames: 16\n", "num_frames: frames per clip must be 4k+1"),
+                          ("nmu_frames: 17\n", "unknown options ['nmu_frames']")):
+        config.write_text(text)
+        with pytest.raises(SystemExit) as exit_:
+            load_config(["--config-file", str(config), *base(shard[0], tmp_path / "o")])
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("key, value", [("latent_dim", 10 ** 9), ("encoder_num_resblocks", 10 ** 7),
                                         ("base_channels", 0), ("latent_dim", 16.5)])
-def test_model_config_values_are_bounded_before_anything_is_built(tmp_path, key, value):
+def test_model_config_values_are_bounded_before_anything_is_built(tmp_path, capsys, key, value):
     raw = json.loads((GOLDEN / "config.json").read_text())
     start = time.time()
     with pytest.raises(ValueError, match=f"{key}="):
@@ -93,6 +101,6 @@ def test_model_config_values_are_bounded_before_anything_is_built(tmp_path, key,
     assert time.time() - start < 1
     (tmp_path / "config.json").write_text(json.dumps({**raw, key: value}))
     (tmp_path / "w.safetensors").write_bytes((GOLDEN / "weights.safetensors").read_bytes())
-    result, seconds = run_cli("--input", "x.tar", "--output", str(tmp_path / "o"), "--checkpoint",
-                              str(tmp_path / "w.safetensors"))
-    assert result.returncode == 2 and seconds < 10 and f"{key}=" in result.stderr
+    checkpoint = str(tmp_path / "w.safetensors")
+    assert main(["--input", "x.tar", "--output", str(tmp_path / "o"), "--checkpoint", checkpoint]) == 2
+    assert f"{key}=" in capsys.readouterr().err

@@ -8,7 +8,6 @@ import sys
 
 import pyarrow.dataset
 import pytest
-import ray
 import torch
 from conftest import GOLDEN
 from safetensors.torch import load_file, save_file
@@ -20,16 +19,8 @@ from encoder_service.job.run import run_job
 from encoder_service.samples import write_tar, write_video
 from encoder_service.shards import decode_tensor
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("local_ray")]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing")
-    ray.init(address="local", num_cpus=4, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -112,6 +112,9 @@ def _run(cfg: JobConfig, plan: Plan) -> dict:
     driver = Driver(plan, progress.update)
     metrics.inc("wfvae_shards", len(plan.skipped), status="skipped")
     metrics.set_gauge("wfvae_job_shards_planned", len(plan.todo))
+    if plan.todo and cfg.num_gpus > 0 and ray.cluster_resources().get("GPU", 0) < 1:
+        print("[plan] the cluster has no GPU yet: the encoder actors wait for one (an autoscaler adds GPU nodes; "
+              "without one pass --num-gpus 0)", file=sys.stderr, flush=True)
     if plan.todo:
         _consume(build_dataset(cfg, plan, faults.make_registry()), driver)
     failed = {**driver.totals.failed, **driver.unfinished()}
