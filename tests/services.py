@@ -1,6 +1,7 @@
 """Real local services for tests on 127.0.0.1: an S3-protocol server (moto in server mode), a Ray
 head started with `ray start`, Debian's Prometheus."""
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -74,11 +75,12 @@ def ray_head(*extra_args, env=None):
     gcs, dash = free_port(), free_port()
     env = {**os.environ, **CLUSTER_ENV, **(env or {})}
     head = subprocess.Popen([RAY, "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}",
-                             "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1", *extra_args],
+                             "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                             f"--dashboard-agent-listen-port={free_port()}", *extra_args],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         wait_http(f"http://127.0.0.1:{dash}/api/version", timeout=90)
-        wait_job_agent(f"http://127.0.0.1:{dash}")
+        wait_job_agent(f"127.0.0.1:{gcs}")
         yield f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}"
     finally:
         stop(head)
@@ -87,19 +89,35 @@ def ray_head(*extra_args, env=None):
             os.unlink(stale)
 
 
-def wait_job_agent(dashboard: str, timeout: float = 120.0) -> None:
-    """Until the head's job agent answers: the dashboard comes up first, and a `ray job submit`
-    sent before the agent is ready fails with "No available agent to submit job"."""
+def wait_job_agent(gcs: str, timeout: float = 120.0) -> None:
+    """Until the head's job agent has registered its address in the GCS and answers on it. The
+    dashboard answers first, and a `ray job submit` the dashboard cannot route to an agent within
+    10 s fails with "No available agent to submit job"."""
+    from ray._private.ray_constants import KV_NAMESPACE_DASHBOARD
+    from ray._raylet import GcsClient
+    from ray.dashboard.consts import DASHBOARD_AGENT_ADDR_NODE_ID_PREFIX
+
+    client = GcsClient(address=gcs)
     deadline = time.time() + timeout
     while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(dashboard + "/api/jobs/", timeout=5) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
+        keys = client.internal_kv_keys(DASHBOARD_AGENT_ADDR_NODE_ID_PREFIX.encode(), KV_NAMESPACE_DASHBOARD)
+        for key in keys:
+            ip, http_port, _ = json.loads(client.internal_kv_get(key, KV_NAMESPACE_DASHBOARD))
+            if http_port > 0 and answers(f"http://{ip}:{http_port}/api/job_agent/jobs/none/logs"):
+                return
         time.sleep(0.5)
-    raise RuntimeError(f"the Ray job agent at {dashboard} did not come up within {timeout}s")
+    raise RuntimeError(f"the Ray job agent of {gcs} did not come up within {timeout}s")
+
+
+def answers(url: str) -> bool:
+    """Whether an HTTP server answers at `url`, with any status."""
+    try:
+        urllib.request.urlopen(url, timeout=5)
+    except urllib.error.HTTPError:
+        return True
+    except OSError:
+        return False
+    return True
 
 
 def stop(proc: subprocess.Popen, grace_s: float = 5) -> None:

@@ -64,7 +64,7 @@ def test_encode_on_cuda_layouts(models, backend, t, chunk):
     assert close(got, want)
 
 
-@pytest.mark.parametrize("t, chunk", [(3, None), (1, None), (6, 5), (4, 1)],
+@pytest.mark.parametrize("t, chunk", [(3, None), (1, None), (3, 2), (3, 1)],
                          ids=["whole", "one-latent", "one-latent-tail", "1-latent-chunks"])
 def test_decode_on_cuda_layouts(models, backend, t, chunk):
     vae, cuda_like = models

@@ -3,8 +3,6 @@ reconstruction spot checks, drift against the folder's history, and `inspect`.""
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pyarrow.dataset
 import pytest
@@ -13,6 +11,7 @@ from conftest import GOLDEN
 from safetensors.torch import load_file, save_file
 from services import make_bucket, s3_server  # noqa: F401
 
+from encoder_service import cli
 from encoder_service.job.config import load_config
 from encoder_service.job.qa import selected
 from encoder_service.job.run import run_job
@@ -20,7 +19,6 @@ from encoder_service.samples import write_tar, write_video
 from encoder_service.shards import decode_tensor
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("local_ray")]
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +31,15 @@ def shards(tmp_path_factory):
     return d
 
 
+def inspect(capsys, *args):
+    """`python -m encoder_service inspect ARGS` in-process (the README test runs it as a command):
+    the parsed report with --json, else the text."""
+    capsys.readouterr()
+    assert cli.main(["inspect", *args]) == 0
+    text = capsys.readouterr().out
+    return json.loads(text) if "--json" in args else text
+
+
 def job(inp, out, *extra, checkpoint=str(GOLDEN / "weights.safetensors")):
     return run_job(load_config(["--input", str(inp), "--output", str(out), "--checkpoint", checkpoint,
                                 "--num-frames", "9", "--size", "32x32", "--clips-per-video", "all", "--num-gpus", "0",
@@ -40,10 +47,17 @@ def job(inp, out, *extra, checkpoint=str(GOLDEN / "weights.safetensors")):
                                 "--metrics-linger-s", "0", *extra]))
 
 
-def test_manifest_statistics_equal_the_part_files(shards, tmp_path):
-    job(f"{shards}/shard-000000.tar", tmp_path / "out")
-    manifest = json.load(open(tmp_path / "out" / "_manifests" / "shard-000000.json"))
-    rows = pyarrow.dataset.dataset(str(tmp_path / "out" / "latents")).to_table().to_pylist()
+@pytest.fixture(scope="module")
+def fp32_run(shards, tmp_path_factory):
+    """One shard in fp32 with every clip in the QA sample."""
+    out = tmp_path_factory.mktemp("fp32")
+    return out, job(f"{shards}/shard-000000.tar", out, "--qa-fraction", "1")
+
+
+def test_manifest_statistics_equal_the_part_files(fp32_run):
+    out, _ = fp32_run
+    manifest = json.load(open(out / "_manifests" / "shard-000000.json"))
+    rows = pyarrow.dataset.dataset(str(out / "latents")).to_table().to_pylist()
     for kind in ("mean", "logvar"):
         x = torch.stack([decode_tensor(r[kind], r["latent_shape"], r["latent_dtype"]) for r in rows]).double()
         per_channel = x.transpose(0, 1).flatten(1)
@@ -56,14 +70,17 @@ def test_manifest_statistics_equal_the_part_files(shards, tmp_path):
 
 
 @pytest.mark.parametrize("precision, low, high", [("fp32", 0.0, 1e-5), ("bf16", 1e-3, 0.1)])
-def test_drift_against_fp32(shards, tmp_path, precision, low, high):
+def test_drift_against_fp32(fp32_run, shards, tmp_path, precision, low, high):
     """Every clip in the QA sample: bf16 latents drift measurably from fp32, fp32 ones do not."""
-    record = job(f"{shards}/shard-000000.tar", tmp_path / "out", "--precision", precision, "--qa-fraction", "1")
+    out, record = fp32_run
+    if precision != "fp32":
+        out = tmp_path / "out"
+        record = job(f"{shards}/shard-000000.tar", out, "--precision", precision, "--qa-fraction", "1")
     qa = record["quality"]["qa"]
     assert qa["clips"] == record["latents"]
     assert low <= qa["drift_mean"]["mean"] <= qa["drift_mean"]["max"] <= high, qa
     assert qa["psnr_db"] > 0 and -1 <= qa["ssim"] <= 1
-    manifest = json.load(open(tmp_path / "out" / "_manifests" / "shard-000000.json"))
+    manifest = json.load(open(out / "_manifests" / "shard-000000.json"))
     assert len(manifest["qa"]) == record["latents"] and "random weights" in qa["note"]
 
 
@@ -72,11 +89,11 @@ def test_the_qa_sample_is_deterministic_for_a_seed(shards, tmp_path):
     a = [k for k in keys if selected(k, 0, 0.1)]
     assert a == [k for k in keys if selected(k, 0, 0.1)] and a != [k for k in keys if selected(k, 1, 0.1)]
     assert 150 < len(a) < 250  # ~10 %
-    runs = [job(f"{shards}/shard-000000.tar", tmp_path / f"out{i}", "--qa-fraction", "0.5", "--seed", "3")
-            for i in range(2)]
-    sampled = [[q["key"] for q in json.load(open(tmp_path / f"out{i}" / "_manifests" / "shard-000000.json"))["qa"]]
-               for i in range(2)]
-    assert sampled[0] == sampled[1] and runs[0]["quality"]["qa"]["clips"] == len(sampled[0]) > 0
+    record = job(f"{shards}/shard-000000.tar", tmp_path / "out", "--qa-fraction", "0.5", "--seed", "3")
+    clips = pyarrow.dataset.dataset(str(tmp_path / "out" / "latents")).to_table().column("key").to_pylist()
+    sampled = [q["key"] for q in json.load(open(tmp_path / "out" / "_manifests" / "shard-000000.json"))["qa"]]
+    assert sorted(sampled) == sorted(k for k in clips if selected(k, 3, 0.5))  # the run samples what the seed says
+    assert record["quality"]["qa"]["clips"] == len(sampled) > 0
 
 
 def test_an_altered_weight_shows_up_as_drift(shards, tmp_path):
@@ -98,31 +115,23 @@ def test_an_altered_weight_shows_up_as_drift(shards, tmp_path):
     assert drift["alert"] and drift["mean_shift_ratio"] > changed["quality"]["drift_bounds"]["mean_shift_ratio"]
 
 
-def test_inspect_lists_done_failed_and_pending_shards(shards, tmp_path):
+def test_inspect_lists_done_failed_and_pending_shards(shards, tmp_path, capsys):
     d = tmp_path / "in"
     d.mkdir()
     shutil.copy(shards / "shard-000000.tar", d / "shard-000000.tar")
     (d / "shard-000001.tar").write_bytes(b"")  # unreadable for the run below: removed before it starts
     os.unlink(d / "shard-000001.tar")
     job(f"{d}/shard-{{000000..000001}}.tar", tmp_path / "out", "--qa-fraction", "1")
-    result = subprocess.run([sys.executable, "-m", "encoder_service", "inspect", str(tmp_path / "out"), "--input",
-                             f"{d}/shard-{{000000..000002}}.tar", "--json"], capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout)
+    report = inspect(capsys, str(tmp_path / "out"), "--input", f"{d}/shard-{{000000..000002}}.tar", "--json")
     assert report["shards_done"] == ["shard-000000"] and list(report["shards_failed"]) == ["shard-000001"]
     assert report["shards_pending"] == ["shard-000002"]
     assert report["qa"]["clips"] == report["latents"] > 0 and report["settings"]["size"] == "32x32"
-    text = subprocess.run([sys.executable, "-m", "encoder_service", "inspect", str(tmp_path / "out")],
-                          capture_output=True, text=True, cwd=ROOT).stdout
+    text = inspect(capsys, str(tmp_path / "out"))
     assert "1 shards done, 1 failed" in text and "failed  shard-000001: " in text and "QA: " in text
 
 
-def test_inspect_an_s3_folder(shards, s3_server):  # noqa: F811
+def test_inspect_an_s3_folder(shards, s3_server, capsys):  # noqa: F811
     endpoint, storage = s3_server
     bucket = make_bucket(storage, "inspected")
     job(f"{shards}/shard-000000.tar", f"{bucket}/out", "--s3-endpoint-url", endpoint)
-    result = subprocess.run([sys.executable, "-m", "encoder_service", "inspect", f"{bucket}/out", "--s3-endpoint-url",
-                             endpoint, "--json"], capture_output=True, text=True, cwd=ROOT,
-                            env={**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"})
-    assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout)["shards_done"] == ["shard-000000"]
+    assert inspect(capsys, f"{bucket}/out", "--s3-endpoint-url", endpoint, "--json")["shards_done"] == ["shard-000000"]

@@ -4,6 +4,9 @@ filters under the released state-dict names so checkpoints load strictly and rou
 The filter values are fixed (spec 4.9). `constants()` gives them for checkpoints that lack them
 (EMA dicts), and the loader checks that stored ones equal them.
 """
+import itertools
+import math
+
 import torch
 from torch import nn
 
@@ -17,19 +20,22 @@ _LOW, _HIGH = (1.0, 1.0), (1.0, -1.0)
 
 
 def filters_3d() -> dict[str, torch.Tensor]:
-    out = {}
-    for s, name in enumerate(NAMES_3D):
-        ft, fh, fw = (torch.tensor(_HIGH if (s >> bit) & 1 else _LOW) for bit in (2, 1, 0))
-        out[name] = (torch.einsum("a,b,c->abc", ft, fh, fw) * HAAR3D_TAP).reshape(1, 1, 2, 2, 2)
-    return out
+    return {name: _outer((_HIGH if (s >> bit) & 1 else _LOW for bit in (2, 1, 0)), HAAR3D_TAP)
+            for s, name in enumerate(NAMES_3D)}
 
 
 def filters_2d() -> dict[str, torch.Tensor]:
-    out = {}
-    for k, name in enumerate(NAMES_2D):
-        fh, fw = (torch.tensor(_HIGH if (k >> bit) & 1 else _LOW) for bit in (0, 1))  # k = eta + 2*omega
-        out[name] = (torch.outer(fh, fw) * HAAR2D_TAP).reshape(1, 1, 2, 2)
-    return out
+    return {name: _outer((_HIGH if (k >> bit) & 1 else _LOW for bit in (0, 1)), HAAR2D_TAP)  # k = eta + 2*omega
+            for k, name in enumerate(NAMES_2D)}
+
+
+def _outer(factors, tap: float) -> torch.Tensor:
+    """tap * the outer product of 1-D filters, as a (1, 1, 2, ...) conv weight. Computed in Python:
+    tensor arithmetic on the meta device (model construction) imports torch._dynamo (~2 s)."""
+    factors = list(factors)
+    values = [tap * math.prod(f[i] for f, i in zip(factors, index))
+              for index in itertools.product((0, 1), repeat=len(factors))]
+    return torch.tensor(values).reshape(1, 1, *[2] * len(factors))
 
 
 class _Holder(nn.Module):
