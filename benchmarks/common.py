@@ -1,7 +1,9 @@
 """Shared benchmark helpers: environment record, timing, peak memory, JSON output."""
 import json
+import os
 import platform
 import statistics
+import subprocess
 import time
 import weakref
 from datetime import datetime, timezone
@@ -10,18 +12,34 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-RESULTS = Path(__file__).parent / "results"
+# WFVAE_BENCH_RESULTS: where a check run (gpu_acceptance.sh --smoke) writes, away from the committed results
+RESULTS = Path(os.environ.get("WFVAE_BENCH_RESULTS") or Path(__file__).parent / "results")
 
 
 def environment(device: str) -> dict:
     env = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
            "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    try:
+        import triton
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
     if device.startswith("cuda"):
         env["device"] = torch.cuda.get_device_name()
         env["cuda"] = torch.version.cuda
+        env["cudnn"] = torch.backends.cudnn.version()
+        env["driver"] = _nvidia_driver()
     else:
         env["device"] = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     return env
+
+
+def _nvidia_driver() -> str | None:
+    try:
+        return subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=30).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def write_json(name: str, payload: dict) -> Path:

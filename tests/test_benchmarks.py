@@ -1,28 +1,60 @@
 """The benchmark scripts run (CPU smoke mode) and compare what they claim to compare."""
 import json
-from argparse import Namespace
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
+from conftest import small_config
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks import bench_encoder, bench_ingest, bench_kernels
+from benchmarks import bench_ingest, bench_kernels
+from benchmarks.bench_pipeline import random_checkpoint
+from benchmarks.common import RESULTS
 from encoder_service.model import WFVAE
 from encoder_service.model.config import PRESETS
 from kernels import haar_reference, norm_reference
 
+ROOT = Path(__file__).resolve().parents[1]
+# the acceptance steps run here as a script (the pipeline step's benchmark: tests/test_pipeline_benchmark.py,
+# in-process on the tests' Ray; encoder_official is encoder_ours' function, measuring nothing on a CPU)
+SMOKE_STEPS = ("correctness", "kernels", "encoder_ours", "chunk_memory")
 FIELDS = ("device", "torch", "impl", "model", "shape", "batch", "dtype", "clips_per_s", "latency_ms",
           "peak_mem_bytes", "tflops")
 
 
-def test_encoder_benchmark_smoke(tmp_path):
-    out = tmp_path / "encoder.json"
-    records = bench_encoder.main(["--smoke", "--device", "cpu", "--out", str(out)])
-    assert len(records) == 4 and all(r["status"] == "ok" for r in records)
-    for rec in json.loads(out.read_text())["records"]:
-        assert all(rec[k] is not None for k in FIELDS), rec
-    bf16 = [r for r in records if r["dtype"] == "bfloat16"]
-    assert all(0 < r["bf16_vs_fp32_rel_l2"] < 0.05 for r in bf16)
-    assert out.with_suffix(".png").exists()
+def test_the_gpu_acceptance_script_runs_on_cpu(tmp_path):
+    """benchmarks/gpu_acceptance.sh --smoke: the steps a GPU session runs, on the CPU at tiny sizes,
+    into a results folder of their own (the committed results are not touched)."""
+    committed = {p: p.stat().st_mtime_ns for p in RESULTS.iterdir()}
+    env = {**os.environ, "WFVAE_BENCH_RESULTS": str(tmp_path), "PYTHON": sys.executable, "RAY_AUTH_MODE": "disabled"}
+    result = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_acceptance.sh"), "--smoke", *SMOKE_STEPS],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    steps = json.loads((tmp_path / "acceptance_cpu.json").read_text())
+    assert list(steps) == ["environment", *SMOKE_STEPS] and all(v["status"] == "ok" for v in steps.values()), steps
+    assert {p: p.stat().st_mtime_ns for p in RESULTS.iterdir()} == committed
+    assert "triton" in json.loads((tmp_path / "environment_cpu.json").read_text())
+
+    records = json.loads((tmp_path / "encoder_ours_cpu.json").read_text())["records"]
+    assert len(records) == 4 and all(r["status"] == "ok" and all(r[k] is not None for k in FIELDS) for r in records)
+    assert all(0 < r["bf16_vs_fp32_rel_l2"] < 0.05 for r in records if r["dtype"] == "bfloat16")
+    assert (tmp_path / "encoder_ours_cpu.png").exists()
+
+    kernels = json.loads((tmp_path / "kernels_cpu.json").read_text())
+    kinds = {(r["kernel"], r["impl"]) for r in kernels["results"]}
+    assert ("haar_pyramid", "official") in kinds and ("channel_layer_norm_silu", "reference") in kinds
+    assert kernels["copy_gb_per_s"] > 0 and all(r["gb_per_s"] > 0 for r in kernels["results"])
+
+    assert json.loads((tmp_path / "chunk_memory_cpu.json").read_text())["rows"]
+
+
+def test_a_random_checkpoint_loads(tmp_path):
+    """What bench_pipeline --preset encodes with on the device machine (no released weights there)."""
+    config = small_config()
+    vae = WFVAE.from_pretrained(random_checkpoint(config, tmp_path))
+    assert vae.config.to_dict() == config.to_dict()
 
 
 def test_encoder_flops_match_the_cost_model():
@@ -45,14 +77,6 @@ def test_official_formulations_compute_the_same_functions():
     a, w, b = torch.randn(1, 8, 3, 4, 4), torch.rand(8), torch.rand(8)
     assert torch.allclose(bench_kernels.official_layer_norm_silu(a, w, b),
                           norm_reference.channel_layer_norm(a, w, b, 1e-6, True), atol=1e-6)
-
-
-def test_kernel_benchmark_smoke():
-    args = Namespace(device="cpu", dtype="fp32", batch=1, frames=5, size=16, channels=8, warmup=1, repeats=2)
-    payload = bench_kernels.run(args)
-    kinds = {(r["kernel"], r["impl"]) for r in payload["results"]}
-    assert ("haar_pyramid", "official") in kinds and ("channel_layer_norm_silu", "reference") in kinds
-    assert payload["copy_gb_per_s"] > 0 and all(r["gb_per_s"] > 0 for r in payload["results"])
 
 
 def test_ingest_benchmark_smoke(tmp_path):

@@ -135,24 +135,17 @@ def test_several_data_files_per_shard(clean_run, shards, tmp_path):
     assert split.column("key") == whole.column("key") and split.column("mean") == whole.column("mean")
 
 
-def test_killed_actor_gives_the_same_output(clean_run, shards, tmp_path, monkeypatch):
-    out, _ = clean_run
-    marker = tmp_path / "killed"
-    monkeypatch.setenv(FAULTS, json.dumps({"kill_after_calls": 2, "marker": str(marker)}))
+def test_a_killed_actor_and_a_fault_that_is_not_the_inputs_are_retried(clean_run, shards, tmp_path, monkeypatch):
+    """An encoder actor killed after two calls, and a RuntimeError while encoding one unit (as a CUDA
+    error would be), which ends its actor: both units are retried in fresh actors, the output is the
+    same."""
+    out, killed, raised = clean_run[0], tmp_path / "killed", tmp_path / "raised"
+    monkeypatch.setenv(FAULTS, json.dumps({"kill_after_calls": 2, "kill_marker": str(killed),
+                                           "raise_unit": "shard-000001/0", "times": 1, "marker": str(raised)}))
     summary = job(f"{shards}/shard-*.tar", tmp_path / "out")
-    assert marker.exists(), "the fault was injected"
-    assert summary["shards_done"] == 3 and summary["latents"] == 21
-    assert files(tmp_path / "out") == files(out)
-
-
-def test_a_fault_that_is_not_the_inputs_is_retried(clean_run, shards, tmp_path, monkeypatch):
-    """A RuntimeError while encoding (as a CUDA error would be) ends the actor; the unit is retried
-    in a fresh one and the output is the same."""
-    out, marker = clean_run[0], tmp_path / "raised"
-    monkeypatch.setenv(FAULTS, json.dumps({"raise_unit": "shard-000001/0", "times": 1, "marker": str(marker)}))
-    summary = job(f"{shards}/shard-*.tar", tmp_path / "out")
-    assert marker.read_text() == "shard-000001/0\n", "the fault was injected once"
-    assert summary["shards_done"] == 3 and summary["shards_failed"] == 0
+    assert killed.exists(), "the actor was killed"
+    assert raised.read_text() == "shard-000001/0\n", "the fault was injected once"
+    assert summary["shards_done"] == 3 and summary["shards_failed"] == 0 and summary["latents"] == 21
     assert files(tmp_path / "out") == files(out)
 
 

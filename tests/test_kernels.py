@@ -1,9 +1,10 @@
 """Triton kernels against their PyTorch references on every layout the model hands them.
 
 On a machine without CUDA the kernels run under the Triton interpreter (conftest sets
-TRITON_INTERPRET=1 before triton is imported). Every call runs inside guard bands
-(tests/guards.py): a write outside the output, into the input or an unmasked read of the NaN
-sentinel fails the test. Tolerances, relative to the largest output magnitude:
+TRITON_INTERPRET=1 before triton is imported); with CUDA every tensor is made on the GPU and the
+kernels compile for it (benchmarks/gpu_acceptance.sh also runs them under compute-sanitizer).
+Every call runs inside guard bands (tests/guards.py): a write outside the output, into the input
+or an unmasked read of the NaN sentinel fails the test. Tolerances, relative to the largest output magnitude:
 * fp32 <= 1e-6 (the kernels may associate sums differently from the reference);
 * LayerNorm bf16 <= 2^-6 (two bf16 ulps: both round the same float32 value independently);
 * Haar bf16 <= 2^-5: the kernel sums in float32 and rounds once, the reference rounds every
@@ -30,6 +31,12 @@ def check(got, want, dtype, tol):
     assert got.shape == want.shape and got.dtype == dtype, (got.shape, want.shape, got.dtype)
     if want.numel():
         assert rel(got, want) <= tol[dtype], rel(got, want)
+
+
+@pytest.fixture(autouse=True)
+def on_the_kernels_device():
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        yield
 
 
 @pytest.fixture

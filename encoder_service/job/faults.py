@@ -7,10 +7,11 @@ failed. On the MAX_ATTEMPTS-th failure the unit comes back as failed, its shard 
 and the run reports it; a later run redoes the shard.
 
 Test-only injection comes from the environment variable WFVAE_INJECT_FAULTS (JSON), never from
-job options: {"kill_after_calls": N, "marker": PATH} kills an actor once after N calls;
-{"raise_unit": "SHARD/INDEX", "times": K, "marker": PATH} raises a RuntimeError on the first K
-attempts of that unit (a line in PATH for each); {"nan_keys": TEXT} turns the frames of clips
-whose key contains TEXT into NaN (an input problem: those clips become ledger rows).
+job options: {"kill_after_calls": N, "kill_marker": PATH} kills an actor once after N calls
+(PATH is created then); {"raise_unit": "SHARD/INDEX", "times": K, "marker": PATH} raises a
+RuntimeError on the first K attempts of that unit (a line in PATH for each); {"nan_keys": TEXT}
+turns the frames of clips whose key contains TEXT into NaN (an input problem: those clips become
+ledger rows). They combine.
 """
 import json
 import os
@@ -47,6 +48,7 @@ def make_registry():
 @dataclass(frozen=True)
 class Injection:
     kill_after_calls: int | None = None
+    kill_marker: str | None = None
     marker: str | None = None
     raise_unit: str | None = None
     times: int = 0
@@ -59,8 +61,8 @@ class Injection:
 
     def before_call(self, calls: int, unit_key: str | None, registry) -> None:
         """Called as an encoder call starts: may kill this process or raise (as a fault would)."""
-        if self.kill_after_calls is not None and calls > self.kill_after_calls and not os.path.exists(self.marker):
-            open(self.marker, "w").close()
+        if self.kill_after_calls is not None and calls > self.kill_after_calls and not os.path.exists(self.kill_marker):
+            open(self.kill_marker, "w").close()
             os._exit(1)
         if unit_key is not None and unit_key == self.raise_unit:
             import ray
