@@ -83,7 +83,7 @@ def ray_head(*extra_args, env=None):
         wait_job_agent(f"127.0.0.1:{gcs}")
         yield f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}"
     finally:
-        stop(head)
+        stop(head, grace_s=1)  # nothing of a test head is kept: no need to wait for a graceful stop
         stale = "/tmp/ray/ray_current_cluster"  # would make a later plain ray.init() join the dead head
         if os.path.exists(stale):
             os.unlink(stale)

@@ -283,10 +283,13 @@ def test_a_killed_driver_leaves_nothing_wrong_and_a_rerun_completes_identically(
     import subprocess
     import sys
     import time
+
+    import ray
     out = tmp_path / "out"
     args = ["--input", f"{shards}/shard-{{000000..000002}}.tar", "--output", str(out), "--checkpoint", CKPT,
             "--num-frames", "9", "--size", "32x32", "--clips-per-video", "all", "--num-gpus", "0", "--precision",
-            "fp32", "--batch-size", "2", "--metrics-linger-s", "0", "--ray-address", "local"]
+            "fp32", "--batch-size", "2", "--metrics-linger-s", "0",
+            "--ray-address", ray.get_runtime_context().gcs_address]  # a second driver on the tests' Ray
     proc = subprocess.Popen([sys.executable, "pipelines/encode_dataset.py", *args], cwd=ROOT, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})

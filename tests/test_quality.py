@@ -96,13 +96,14 @@ def test_the_qa_sample_is_deterministic_for_a_seed(shards, tmp_path):
     assert record["quality"]["qa"]["clips"] == len(sampled) > 0
 
 
-def test_an_altered_weight_shows_up_as_drift(shards, tmp_path):
+def test_an_altered_weight_shows_up_as_drift(fp32_run, shards, tmp_path):
     """A checkpoint with one changed weight, rerun over the folder (--overwrite): its latent means leave
     the folder's history by more than the alert's bound (the rule itself: alerts_test.yml)."""
-    out = tmp_path / "out"
-    first = job(f"{shards}/shard-000000.tar", out)
+    first_out, first = fp32_run
     assert first["quality"]["drift"]["mean"]["history"] is False
-    same = job(f"{shards}/shard-000000.tar", out, "--overwrite")
+    out = tmp_path / "out"
+    shutil.copytree(first_out, out)
+    same = job(f"{shards}/shard-000000.tar", out, "--overwrite", "--qa-fraction", "1")
     assert same["quality"]["drift"]["mean"]["mean_shift_ratio"] < 1e-6 and not same["quality"]["drift"]["mean"]["alert"]
     weights = load_file(GOLDEN / "weights.safetensors")
     weights["encoder.conv_out.conv.bias"][0] += 1.0  # one weight: latent channel 0's mean moves
@@ -110,7 +111,7 @@ def test_an_altered_weight_shows_up_as_drift(shards, tmp_path):
     altered.parent.mkdir()
     save_file(weights, altered)
     shutil.copy(GOLDEN / "config.json", altered.parent / "config.json")
-    changed = job(f"{shards}/shard-000000.tar", out, "--overwrite", checkpoint=str(altered))
+    changed = job(f"{shards}/shard-000000.tar", out, "--overwrite", "--qa-fraction", "1", checkpoint=str(altered))
     drift = changed["quality"]["drift"]["mean"]
     assert drift["alert"] and drift["mean_shift_ratio"] > changed["quality"]["drift_bounds"]["mean_shift_ratio"]
 

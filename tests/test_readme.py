@@ -42,8 +42,11 @@ def test_covering_tests_exist():
                 assert f"def {name}(" in (ROOT / path).read_text(), ref
 
 
-def test_runnable_blocks_run(tmp_path):
-    """In README order: make demo, then the reading snippets and inspect on its output."""
+def test_runnable_blocks_run(tmp_path, local_ray):
+    """In README order: make demo, then the reading snippets and inspect on its output. The python
+    blocks join the tests' running local Ray (with its environment) rather than start their own."""
+    import ray
+    joins_ray = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     env = {**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled",
            "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
     ran = 0
@@ -60,8 +63,8 @@ def test_runnable_blocks_run(tmp_path):
                     ran += 1
         else:
             code = body.replace(EXAMPLE_FOLDER, str(ROOT / "demo_output" / "output"))
-            result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                                    timeout=600)
+            result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                                    env={**joins_ray, **{k: env[k] for k in ("HF_DATASETS_CACHE", "HF_HUB_OFFLINE")}})
             assert result.returncode == 0, (code, result.stderr[-3000:])
             ran += 1
     assert ran >= 5

@@ -31,7 +31,7 @@ def filters_2d() -> dict[str, torch.Tensor]:
 
 def _outer(factors, tap: float) -> torch.Tensor:
     """tap * the outer product of 1-D filters, as a (1, 1, 2, ...) conv weight. Computed in Python:
-    tensor arithmetic on the meta device (model construction) imports torch._dynamo (~2 s)."""
+    tensor arithmetic on the meta device (model construction) imports torch._dynamo (~3 s a load)."""
     factors = list(factors)
     values = [tap * math.prod(f[i] for f, i in zip(factors, index))
               for index in itertools.product((0, 1), repeat=len(factors))]
