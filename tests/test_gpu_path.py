@@ -40,7 +40,7 @@ class CudnnLayout(TorchFunctionMode):
 @pytest.fixture(scope="module")
 def models(golden_vae):
     """(reference model, model laid out as on CUDA): the golden weights, float32."""
-    vae = golden_vae(torch.float32).to(DEVICE)
+    vae = copy.deepcopy(golden_vae(torch.float32)).to(DEVICE)  # (the cached one stays as it is)
     cuda_like = copy.deepcopy(vae)
     to_channels_last_3d(cuda_like)
     return vae, cuda_like
@@ -96,7 +96,7 @@ def test_decode_on_cuda_layouts(models, backend, t, chunk):
 def test_golden_fp32_through_the_kernels(golden_vae, golden_input, golden_outputs, backend):
     """The golden model, weights laid out as on CUDA, fp32 through the Triton kernels on DEVICE:
     within the golden tolerance of the official outputs (tests/test_golden.py)."""
-    vae, ref = golden_vae(torch.float32).to(DEVICE), golden_outputs[torch.float32]
+    vae, ref = copy.deepcopy(golden_vae(torch.float32)).to(DEVICE), golden_outputs[torch.float32]
     to_channels_last_3d(vae)
     backend("triton")
     with cuda_layouts():

@@ -4,7 +4,8 @@ On a machine without CUDA the kernels run under the Triton interpreter (conftest
 TRITON_INTERPRET=1 before triton is imported); with CUDA every tensor is made on the GPU and the
 kernels compile for it (benchmarks/gpu_acceptance.sh also runs them under compute-sanitizer).
 Every call runs inside guard bands (tests/guards.py): a write outside the output, into the input
-or an unmasked read of the NaN sentinel fails the test. Tolerances, relative to the largest output magnitude:
+or an unmasked read of the NaN sentinel fails the test. Tolerances, relative to the largest output
+magnitude:
 * fp32 <= 1e-6 (the kernels may associate sums differently from the reference);
 * LayerNorm bf16 <= 2^-6 (two bf16 ulps: both round the same float32 value independently);
 * Haar bf16 <= 2^-5: the kernel sums in float32 and rounds once, the reference rounds every

@@ -1,4 +1,4 @@
-"""Metrics end to end: a real pipeline run on a `ray start` head, scraped by Debian's Prometheus
+"""Metrics end to end: a job sent with `ray job submit` to a `ray start` head, scraped by Debian's Prometheus
 through deploy/prometheus/prometheus.yml (Ray's service-discovery file). Every query of the Grafana
 dashboard must return data, the exported totals must equal the run summary, the exposition must
 follow Prometheus naming conventions, and promtool must accept the scrape config and alert rules."""
@@ -6,7 +6,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 import threading
 import time
 import urllib.parse
@@ -16,7 +15,7 @@ import pytest
 import yaml
 from conftest import GOLDEN
 from prometheus_client.parser import text_string_to_metric_families
-from services import CLUSTER_ENV, free_port, prometheus, ray_head, require_prometheus
+from services import CLUSTER_ENV, RAY, free_port, prometheus, ray_head, require_prometheus
 
 from encoder_service.metrics import DEFINITIONS, UNITLESS
 from encoder_service.samples import write_tar, write_video
@@ -126,26 +125,31 @@ def prometheus_config(tmp_path) -> str:
 
 
 @pytest.mark.slow
-def test_every_dashboard_query_has_data_from_a_real_run(shards, tmp_path):
+def test_every_dashboard_query_has_data_from_a_submitted_job(shards, tmp_path):
+    """The way users run it, on a machine without a GPU: `ray start` with one logical GPU, the job sent
+    with `ray job submit` as the README says (--num-gpus 1, here with --device cpu), and Prometheus
+    scraping it as in production."""
     metrics_port = free_port()
     fast_push = {"RAY_metrics_report_interval_ms": "1000"}  # Ray's default is 10 s
-    with ray_head(f"--metrics-export-port={metrics_port}", env=fast_push) as (gcs, _), \
+    with ray_head("--num-gpus=1", f"--metrics-export-port={metrics_port}", env=fast_push) as (_, dashboard), \
             prometheus(prometheus_config(tmp_path), str(tmp_path)) as prom:
         wait_for_target(prom, metrics_port)
         start = time.time()
         out = tmp_path / "out"
         proc = subprocess.Popen(
-            [sys.executable, os.path.join(ROOT, "pipelines", "encode_dataset.py"), "--input", shards,
-             "--output", str(out), "--checkpoint", str(GOLDEN / "weights.safetensors"), "--num-frames", "9",
-             "--size", "32x32", "--clips-per-video", "all", "--num-gpus", "0", "--precision", "fp32",
-             "--batch-size", "2", "--ray-address", gcs, "--metrics-linger-s", "3", "--progress-every-s", "2",
-             "--qa-fraction", "0.3"],
-            env={**os.environ, **CLUSTER_ENV, **fast_push}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            [RAY, "job", "submit", f"--address={dashboard}", "--working-dir", ROOT, "--", "python",
+             "pipelines/encode_dataset.py", "--input", shards, "--output", str(out), "--checkpoint",
+             str(GOLDEN / "weights.safetensors"), "--num-frames", "9", "--size", "32x32", "--clips-per-video", "all",
+             "--num-gpus", "1", "--device", "cpu", "--precision", "fp32", "--batch-size", "2",
+             "--metrics-linger-s", "3", "--progress-every-s", "2", "--qa-fraction", "0.3"],
+            env={**os.environ, **CLUSTER_ENV}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         texts = scrape_while(proc, f"http://127.0.0.1:{metrics_port}/metrics")
         log = proc.communicate(timeout=400)[0]
         assert proc.returncode == 0, log[-4000:]
         summary = json.load(open(out / "summary.json"))["last_run"]
-        assert summary["latents"] > 20 and summary["errors"] == 4
+        assert summary["shards_done"] == 4 and summary["latents"] > 20 and summary["errors"] == 4
+        assert f'"latents": {summary["latents"]}' in log  # the job's own summary line, streamed back by Ray
+        assert json.load(open(out / "_manifests" / "shard-000000.json"))["errors"]["rows"] == 1
         expected = {"ray_wfvae_latents_written_total": summary["latents"], "ray_wfvae_errors_total": summary["errors"],
                     "ray_wfvae_clips_encoded_total": summary["latents"], "ray_wfvae_job_runs_total": 1}
         # until Prometheus has scraped the last values (the driver's final ones come in its last seconds)
