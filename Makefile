@@ -11,8 +11,12 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q --no-compile torch==2.13.0  # (no .pyc up front: Python compiles what it imports,
-	$(BIN)/pip install -q --no-compile -e '.[test]'  #  which halves the install time)
+	$(BIN)/pip install -q --no-compile torch==2.13.0
+	$(BIN)/pip install -q --no-compile -e '.[test]'
+	@# byte-compile once, on every core (pip compiles on one); PYTHONDONTWRITEBYTECODE may be set, so
+	@# modules would otherwise be recompiled by every process that imports them. Errors are files of
+	@# packages' own tests in old syntax, as pip ignores them too.
+	$(BIN)/python -m compileall -q -j 0 $(VENV)/lib >/dev/null || true
 	touch $(STAMP)
 
 # Debian's prometheus + promtool (the metrics integration test) and ffmpeg (the ingest benchmark's
