@@ -45,9 +45,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def inspect_command(args) -> int:
+    from encoder_service.ingest.inputs import InputError
     from encoder_service.inspect import format_report, inspect_folder
     from encoder_service.storage import StorageOptions
-    report = inspect_folder(args.output, args.input, StorageOptions(endpoint_url=args.s3_endpoint_url), args.examples)
+    try:
+        report = inspect_folder(args.output, args.input, StorageOptions(endpoint_url=args.s3_endpoint_url),
+                                args.examples)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps(report, indent=1, sort_keys=True) if args.json else format_report(report))
     return 0
 

@@ -137,7 +137,8 @@ def stored_dtype(name: str) -> torch.dtype:
 
 DEVICES = ("auto", "cuda", "cpu")
 DECODERS = ("decord", "pyav")
-VERIFY = ("size", "checksum")
+VERIFY = ("none", "size", "checksum")  # how committed files are re-checked: not, by size and row count, by hash
+INPUT_IDENTITY = ("store", "sha256")  # how a changed input is told: the store's size+ETag/mtime, or also its hash
 
 
 def choice(options: tuple[str, ...], what: str):

@@ -10,8 +10,19 @@ of each is derived from its fields here, and so is the conversion to and from Ar
     QaRow       one quality-checked clip: drift against an fp32 encode, reconstruction PSNR/SSIM
     UnitResult  encode -> driver: what one encoder call wrote (never the latents themselves)
     StageRow    the one row type of each stream between Ray stages (a unit, a result or an end)
+
+The output folder's bookkeeping (shards/layout.py), stored as JSON or in the folder index:
+    InputIdentity  what the input shard's store said of it when it was planned
+    RunMeta        which VAE, weights, precision and settings made the latents
+    ShardStats     per-channel sums of a shard's latent means and logvars
+    QaSummary      a mergeable summary of QA rows (counts, sums, maxima, log-histograms)
+    Manifest       a shard's commit record, written last: its files, counts, statistics, QA
+    ShardRecord    a manifest's summary: one row of the folder index (planning and totals)
+    FolderTotals   totals over shards, merged one shard at a time (summary.json, inspect, drift)
 """
 import dataclasses
+import functools
+import json
 import types
 import typing
 from dataclasses import dataclass
@@ -103,6 +114,27 @@ class QaRow:
 
 
 @dataclass(frozen=True)
+class Sketch:
+    """A mergeable summary of non-negative values: count, sum, max and a log-spaced histogram
+    (shards/totals.py: SKETCH_BINS_PER_DECADE bins per decade) for quantiles."""
+    count: int = 0
+    total: float = 0.0
+    max: float = 0.0
+    bins: list[int] = dataclasses.field(default_factory=list)      # histogram bin indexes ...
+    counts: list[int] = dataclasses.field(default_factory=list)    # ... and their counts, sorted by index
+
+
+@dataclass(frozen=True)
+class QaSummary:
+    clips: int = 0
+    drift_mean: Sketch = dataclasses.field(default_factory=Sketch)
+    drift_logvar: Sketch = dataclasses.field(default_factory=Sketch)
+    psnr_sum: float = 0.0         # over finite PSNRs (identical reconstructions give inf)
+    psnr_finite: int = 0
+    ssim_sum: float = 0.0
+
+
+@dataclass(frozen=True)
 class UnitResult:
     shard_id: str
     index: int
@@ -114,6 +146,79 @@ class UnitResult:
     mean_stats: ChannelStats | None = None
     logvar_stats: ChannelStats | None = None
     qa: list[QaRow] = dataclasses.field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class InputIdentity:
+    size: int
+    tag: str                      # ETag on S3, mtime in ns on local disk (what the listing reports)
+    sha256: str | None = None     # the content's hash, with --input-identity sha256
+
+
+@dataclass(frozen=True)
+class RunMeta:
+    vae_name: str
+    vae_sha256: str
+    precision: str                # the precision policy's label
+    pipeline_version: str
+    scale: list[float]
+    shift: list[float]
+    settings: str = ""            # the folder settings' fingerprint
+
+
+@dataclass(frozen=True)
+class ShardStats:
+    mean: ChannelStats | None = None
+    logvar: ChannelStats | None = None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    schema_version: str
+    shard_id: str
+    settings: str                 # the fingerprint of the latent-affecting settings
+    run: RunMeta
+    source_url: str               # credentials scrubbed
+    input: InputIdentity | None   # None in folders written before schema 3
+    clips: int
+    latents: int
+    ledger_reasons: dict[str, int]   # "stage/reason" -> rows
+    non_finite_rejected: int
+    stats: ShardStats
+    qa: list[QaRow]
+    files: list[DataFile]
+    errors: DataFile
+
+
+@dataclass(frozen=True)
+class ShardRecord:
+    """What planning and the folder's totals need of a manifest, one row of the folder index."""
+    shard_id: str
+    settings: str
+    input: InputIdentity | None
+    manifest_bytes: int           # size of the manifest this summarises: a rewritten one differs ...
+    manifest_tag: str             # ... or has another store tag
+    checkpoint_sha256: str
+    clips: int
+    latents: int
+    ledger_reasons: dict[str, int]
+    non_finite_rejected: int
+    file_bytes: int
+    stats: ShardStats
+    qa: QaSummary
+
+
+@dataclass
+class FolderTotals:
+    shards: int = 0
+    clips: int = 0
+    latents: int = 0
+    ledger_reasons: dict[str, int] = dataclasses.field(default_factory=dict)
+    non_finite_rejected: int = 0
+    file_bytes: int = 0
+    checkpoints: list[str] = dataclasses.field(default_factory=list)
+    stats: ShardStats = dataclasses.field(default_factory=ShardStats)
+    qa: QaSummary = dataclasses.field(default_factory=QaSummary)
 
 
 @dataclass(frozen=True)
@@ -137,13 +242,20 @@ def _arrow_type(hint) -> tuple[pa.DataType, bool]:
         return _arrow_type(inner[0])[0], True
     if typing.get_origin(hint) is list:
         return pa.list_(_arrow_type(args[0])[0]), False
+    if typing.get_origin(hint) is dict:
+        return pa.map_(_arrow_type(args[0])[0], _arrow_type(args[1])[0]), False
     if dataclasses.is_dataclass(hint):
         return pa.struct(_fields(hint)), False
     return _SCALARS[hint], False
 
 
+@functools.cache
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
 def _fields(cls) -> list[pa.Field]:
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     return [pa.field(f.name, *_arrow_type(hints[f.name])) for f in dataclasses.fields(cls)]
 
 
@@ -159,7 +271,7 @@ def from_dict(cls, data: dict | None):
     """A dataclass instance (nested ones too) from its Arrow row form."""
     if data is None:
         return None
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     return cls(**{f.name: _value(hints[f.name], data[f.name]) for f in dataclasses.fields(cls)})
 
 
@@ -171,6 +283,8 @@ def _value(hint, value):
         return _value(next(a for a in args if a is not type(None)), value)
     if typing.get_origin(hint) is list:
         return [_value(args[0], v) for v in value]
+    if typing.get_origin(hint) is dict:  # Arrow maps come back as (key, value) pairs
+        return {k: _value(args[1], v) for k, v in (value.items() if isinstance(value, dict) else value)}
     if dataclasses.is_dataclass(hint):
         return from_dict(hint, value)
     return value
@@ -180,5 +294,15 @@ def from_table(table: pa.Table, cls) -> list:
     return [from_dict(cls, row) for row in table.to_pylist()]
 
 
-__all__ = ["ChannelStats", "Clip", "DataFile", "LatentRow", "LedgerRow", "QaRow", "ShardEnd", "StageRow", "Unit",
-           "UnitResult", "from_dict", "from_table", "schema", "to_table"]
+def to_json(record) -> bytes:
+    """A record as the JSON the output folder stores (sorted keys: the same record, the same bytes)."""
+    return json.dumps(dataclasses.asdict(record), indent=1, sort_keys=True).encode()
+
+
+def from_json(cls, data: bytes | str):
+    return from_dict(cls, json.loads(data))
+
+
+__all__ = ["ChannelStats", "Clip", "DataFile", "FolderTotals", "InputIdentity", "LatentRow", "LedgerRow", "Manifest",
+           "QaRow", "QaSummary", "RunMeta", "ShardEnd", "ShardRecord", "ShardStats", "Sketch", "StageRow", "Unit",
+           "UnitResult", "from_dict", "from_json", "from_table", "schema", "to_json", "to_table"]

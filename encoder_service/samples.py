@@ -19,7 +19,9 @@ def write_video(path: Path, frames: int = 20, h: int = 64, w: int = 80, fps: int
     with av.open(str(path), "w", format=container_format) as c:
         s = c.add_stream(codec, rate=fps)
         s.height, s.width, s.pix_fmt = h, w, "yuv420p"
-        s.options = {"crf": "18"} if codec == "libx264" else {}
+        # one encoder thread: x264's output then never depends on the threads it picks (it picked
+        # differently after torch had run in the same process, and the same frames came out different)
+        s.options = {"crf": "18", "threads": "1"} if codec == "libx264" else {}
         if gop:
             s.options = {**s.options, "g": str(gop)}
         if rotation:

@@ -1,7 +1,9 @@
 """Storage access for local paths, s3:// and any fsspec URL, with retries for flaky object stores."""
 import hashlib
+import os
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import fsspec
@@ -55,6 +57,14 @@ def sha256_of(fs, path: str, block: int = 1 << 23) -> str:
     return digest.hexdigest()
 
 
+def sha256_local(path: str, block: int = 1 << 23) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def is_local(fs) -> bool:
     return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
 
@@ -70,3 +80,120 @@ def retry(fn, *, attempts: int = 5, base_delay: float = 0.5):
         except OSError:
             time.sleep(base_delay * 2 ** attempt)
     return fn()
+
+
+# ---- listings and atomic creation, for bookkeeping at the size users run ---------------------
+@dataclass(frozen=True)
+class Listed:
+    """One object of a listing: its name inside the listed folder and what the store says of it."""
+    name: str
+    size: int
+    tag: str           # the store's version of the object: ETag on S3, mtime in ns on local disk
+    mtime: float       # seconds since the epoch, by the store's clock (S3: whole seconds)
+
+
+LIST_PAGE = 1000  # S3's page size: one request per 1,000 keys
+
+
+def is_s3(fs) -> bool:
+    return any(p in ("s3", "s3a") for p in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)))
+
+
+def list_prefix(fs, folder: str, name_prefix: str = "") -> Iterator[Listed]:
+    """The files directly in `folder` whose names start with `name_prefix`, page by page: on S3 one
+    request per 1,000 keys (the prefix is filtered by the server), locally one directory scan; never
+    a request per file. A missing folder lists nothing."""
+    folder = folder.rstrip("/")
+    if is_local(fs):
+        yield from _list_local(fs._strip_protocol(folder), name_prefix)
+    elif is_s3(fs):
+        yield from _list_s3(fs, folder, name_prefix)
+    else:
+        try:
+            entries = fs.ls(folder, detail=True)
+        except FileNotFoundError:
+            return
+        for e in entries:
+            name = e["name"].rstrip("/").rsplit("/", 1)[-1]
+            if e.get("type") == "file" and name.startswith(name_prefix):
+                stamp = e.get("mtime") or e.get("LastModified") or e.get("created") or 0
+                stamp = stamp.timestamp() if hasattr(stamp, "timestamp") else float(stamp)
+                yield Listed(name, int(e.get("size") or 0), str(e.get("ETag") or e.get("etag") or stamp), stamp)
+
+
+def _list_local(folder: str, name_prefix: str) -> Iterator[Listed]:
+    try:
+        scan = os.scandir(folder)
+    except FileNotFoundError:
+        return
+    with scan:
+        for entry in scan:
+            if entry.name.startswith(name_prefix) and entry.is_file(follow_symlinks=True):
+                st = entry.stat()
+                yield Listed(entry.name, st.st_size, str(st.st_mtime_ns), st.st_mtime_ns / 1e9)
+
+
+def _list_s3(fs, folder: str, name_prefix: str) -> Iterator[Listed]:
+    bucket, key, _ = fs.split_path(folder)
+    base = f"{key}/" if key else ""
+    kwargs = {"Bucket": bucket, "Prefix": base + name_prefix, "Delimiter": "/", "MaxKeys": LIST_PAGE}
+    while True:
+        page = retry(lambda: fs.call_s3("list_objects_v2", **kwargs))
+        for obj in page.get("Contents", []):
+            yield Listed(obj["Key"][len(base):], int(obj["Size"]), obj["ETag"].strip('"'),
+                         obj["LastModified"].timestamp())
+        if not page.get("IsTruncated"):
+            return
+        kwargs["ContinuationToken"] = page["NextContinuationToken"]
+
+
+def server_copy(fs, src: str, dst: str) -> None:
+    """Copy an object inside the store without passing its bytes through here: one CopyObject on S3
+    (objects up to 5 GB, as data files are), the filesystem's own copy elsewhere."""
+    if is_s3(fs):
+        (sb, sk, _), (db, dk, _) = fs.split_path(src), fs.split_path(dst)
+        retry(lambda: fs.call_s3("copy_object", Bucket=db, Key=dk, CopySource={"Bucket": sb, "Key": sk}))
+        fs.invalidate_cache(dst)
+    else:
+        retry(lambda: fs.copy(src, dst))
+
+
+class NotAtomic(Exception):
+    """The store cannot create a file only if it is absent."""
+
+
+def put_if_absent(fs, path: str, data: bytes) -> bool:
+    """Create `path` holding `data` only if nothing is there: True if created, False if something
+    was. O_EXCL on local disk, a conditional put (If-None-Match: *) on S3; other stores cannot do
+    it atomically and raise NotAtomic."""
+    if is_local(fs):
+        local = fs._strip_protocol(path)
+        os.makedirs(os.path.dirname(local), exist_ok=True)
+        try:
+            fd = os.open(local, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        return True
+    if is_s3(fs):
+        bucket, key, _ = fs.split_path(path)
+        try:
+            retry(lambda: fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfNoneMatch="*"))
+        except OSError as exc:
+            if _precondition_failed(exc):
+                return False
+            raise
+        fs.invalidate_cache(path)
+        return True
+    raise NotAtomic(f"{fs.protocol} cannot create a file only if it is absent")
+
+
+def _precondition_failed(exc: BaseException) -> bool:
+    while exc is not None:
+        if "PreconditionFailed" in str(exc) or "412" in str(getattr(exc, "response", {}).get("Error", {})):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False

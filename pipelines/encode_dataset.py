@@ -12,6 +12,7 @@ Exit status: 0 done, 1 some shards failed (retried by the next run) or the run c
 import sys
 from pathlib import Path
 
+from encoder_service.ingest.inputs import InputError
 from encoder_service.job.config import load_config
 from encoder_service.job.plan import JobError
 
@@ -35,7 +36,7 @@ def main(argv=None) -> int:
         except JobFailed as exc:
             print(f"encode_dataset.py: the run failed: {exc}", file=sys.stderr)
             return 1
-    except JobError as exc:
+    except (JobError, InputError) as exc:
         print(f"encode_dataset.py: error: {exc}", file=sys.stderr)
         return 2
     return 1 if record["shards_failed"] else 0

@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from typing import NamedTuple
 
 import pytest
 
@@ -36,17 +37,30 @@ def wait_http(url: str, timeout: float = 30.0) -> None:
     raise RuntimeError(f"{url} did not come up within {timeout}s")
 
 
+class S3Server(NamedTuple):
+    endpoint: str
+    storage: StorageOptions
+    log: str                      # the server's request log: one line per HTTP request
+
+    def requests(self) -> int:
+        """HTTP requests the server has answered so far (count before and after to measure)."""
+        with open(self.log) as f:
+            return sum(1 for line in f if '"' in line and " HTTP/1.1" in line)
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
-    """moto_server as a separate process over HTTP; yields (endpoint_url, StorageOptions)."""
+    """moto_server as a separate process over HTTP; yields S3Server(endpoint_url, StorageOptions, log)."""
     port = free_port()
-    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")
+    log_path = tmp_path_factory.mktemp("moto") / "moto.log"
+    log = open(log_path, "w", buffering=1)
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                             stdout=log, stderr=subprocess.STDOUT)
     endpoint = f"http://127.0.0.1:{port}"
     try:
         wait_http(endpoint + "/moto-api/")
-        yield endpoint, StorageOptions(endpoint_url=endpoint, extra={"key": "testing", "secret": "testing"})
+        yield S3Server(endpoint, StorageOptions(endpoint_url=endpoint, extra={"key": "testing", "secret": "testing"}),
+                       str(log_path))
     finally:
         proc.terminate()
         proc.wait(10)

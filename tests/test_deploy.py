@@ -5,6 +5,7 @@ schema; the job's config file through the job's own option parser; the image def
 import os
 import re
 import shlex
+import subprocess
 from pathlib import Path
 
 import kubernetes_validate
@@ -115,6 +116,31 @@ def test_nightly_cronjob_creates_the_rayjob():
     rule = docs["Role"]["rules"][0]
     assert rule["apiGroups"] == ["ray.io"] and "rayjobs" in rule["resources"] and "create" in rule["verbs"]
     assert docs["RoleBinding"]["roleRef"]["name"] == docs["Role"]["metadata"]["name"]
+
+
+@pytest.mark.parametrize("final, code", [("Complete", 0), ("Failed", 1)])
+def test_the_nightly_pod_lives_as_long_as_its_rayjob(tmp_path, final, code):
+    """The CronJob's script (run by sh, against a kubectl stand-in that plays the API server's
+    answers) creates the RayJob and returns only once it has finished, so concurrencyPolicy:
+    Forbid sees a night still running."""
+    script = resources()["CronJob"]["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["command"][-1]
+    kubectl = tmp_path / "kubectl"
+    kubectl.write_text(f"""#!/bin/sh
+echo "$*" >> {tmp_path}/calls
+case "$1 $2" in
+  "create -f") echo rayjob.ray.io/wfvae-encode-x7k2p ;;
+  "get rayjobs") ;;
+  "get rayjob.ray.io/wfvae-encode-x7k2p")
+    n=$(($(cat {tmp_path}/polls 2>/dev/null || echo 0) + 1)); echo $n > {tmp_path}/polls
+    if [ $n -lt 3 ]; then echo Running; else echo {final}; fi ;;
+esac
+""")
+    kubectl.chmod(0o755)
+    result = subprocess.run(["sh", "-c", script], env={**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}",
+                                                       "POLL_S": "0"}, capture_output=True, text=True, timeout=30)
+    assert result.returncode == code, result.stderr
+    assert (tmp_path / "polls").read_text().strip() == "3"
+    assert "create -f /manifests/rayjob.yaml -o name" in (tmp_path / "calls").read_text()
 
 
 def test_podmonitor_selects_the_ray_pods():

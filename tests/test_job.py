@@ -186,7 +186,7 @@ def test_the_driver_receives_no_latents(clean_run):
 
 
 def test_input_and_output_on_s3(shards, s3_server):  # noqa: F811
-    endpoint, storage = s3_server
+    endpoint, storage, _ = s3_server
     bucket = make_bucket(storage, "videos")
     import s3fs
     fs = s3fs.S3FileSystem(**storage.for_url("s3://x"))
@@ -209,14 +209,42 @@ def test_dry_run(shards, capsys):
 
 
 def test_leftovers_of_a_crashed_run_are_cleaned(clean_run, shards, tmp_path):
+    """A run killed while committing shard-000002 (its intent written, its files in place, its
+    manifest not yet), with staged files and a temporary left: the next run's start removes what
+    the cut-off commit wrote, with no listing of latents/, and the run completes the folder."""
+    from encoder_service.job.plan import clean_leftovers
+    from encoder_service.storage import filesystem
     out = tmp_path / "out"
     shutil.copytree(clean_run[0], out)
-    (out / "_staging" / "shard-000002").mkdir(parents=True)
-    (out / "_staging" / "shard-000002" / "00000-dead.parquet").write_bytes(b"half")
+    manifest = json.loads((out / "_manifests" / "shard-000002.json").read_text())
+    (out / "_manifests" / "shard-000002.json").unlink()
+    staging = out / "_staging" / "shard-000002"
+    staging.mkdir(parents=True)
+    names = [f["name"] for f in manifest["files"]] + [manifest["errors"]["name"]]
+    (staging / "_commit.json").write_text(json.dumps({"shard_id": "shard-000002", "files": names}))
+    (staging / "00000-dead.parquet").write_bytes(b"half")
+    (out / "_staging" / "_tmp-dead.json").write_bytes(b"half")
+    assert visible_shards(out) == {"shard-000000", "shard-000001", "shard-000002"}
+    clean_leftovers(*filesystem(str(out)))
+    assert not (out / "_staging").exists()
+    assert visible_shards(out) == {"shard-000000", "shard-000001"}
+    assert not (out / "errors" / "errors-shard-000002.parquet").exists()
+    summary = job(f"{shards}/shard-{{000000..000002}}.tar", out)
+    assert summary["shards_done"] == 1 and summary["shards_by_reason"] == {"new": 1}
+    assert files(out) == files(clean_run[0])
+
+
+def test_leftovers_of_a_folder_without_index_are_found_by_listing(clean_run, shards, tmp_path):
+    """A folder written before the index (schema 2) has no commit intents: its first run lists
+    latents/ once for files of shards without a manifest and for temporaries."""
+    out = tmp_path / "out"
+    shutil.copytree(clean_run[0], out)
+    shutil.rmtree(out / "_index")
+    (out / "_manifests" / "shard-000002.json").unlink()
     (out / "latents" / "part-shard-000002-00000.parquet.tmp-0123").write_bytes(b"half")
-    job(f"{shards}/shard-{{000000..000002}}.tar", out)
-    assert not (out / "_staging").exists() or not any((out / "_staging").iterdir())
+    job(f"{shards}/shard-{{000000..000001}}.tar", out)
     assert not any(".tmp-" in name for name in os.listdir(out / "latents"))
+    assert visible_shards(out) == {"shard-000000", "shard-000001"}
 
 
 def test_changed_settings_are_refused_before_any_work(clean_run, shards):
@@ -288,7 +316,7 @@ def test_a_killed_driver_leaves_nothing_wrong_and_a_rerun_completes_identically(
     out = tmp_path / "out"
     args = ["--input", f"{shards}/shard-{{000000..000002}}.tar", "--output", str(out), "--checkpoint", CKPT,
             "--num-frames", "9", "--size", "32x32", "--clips-per-video", "all", "--num-gpus", "0", "--precision",
-            "fp32", "--batch-size", "2", "--metrics-linger-s", "0",
+            "fp32", "--batch-size", "2", "--metrics-linger-s", "0", "--lease-ttl-s", "2",
             "--ray-address", ray.get_runtime_context().gcs_address]  # a second driver on the tests' Ray
     proc = subprocess.Popen([sys.executable, "pipelines/encode_dataset.py", *args], cwd=ROOT, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -309,6 +337,15 @@ def test_a_killed_driver_leaves_nothing_wrong_and_a_rerun_completes_identically(
     assert committed <= visible_shards(out) and len(visible_shards(out) - committed) <= 1
     clean_leftovers(*filesystem(str(out)))  # what the next run does first
     assert visible_shards(out) == committed
+    from encoder_service.shards.lease import Lease, LeaseError
+    deadline = time.time() + 60
+    while True:  # the killed driver's lease expires 2 s after its last renewal
+        try:
+            Lease.acquire(*filesystem(str(out))).release()
+            break
+        except LeaseError:
+            assert time.time() < deadline, "the killed driver's lease never expired"
+            time.sleep(0.2)
     again = job(f"{shards}/shard-{{000000..000002}}.tar", out)
     assert again["shards_done"] + again["shards_skipped"] == 3
     assert files(out) == files(clean_run[0])

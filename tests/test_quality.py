@@ -15,8 +15,9 @@ from encoder_service import cli
 from encoder_service.job.config import load_config
 from encoder_service.job.qa import selected
 from encoder_service.job.run import run_job
+from encoder_service.records import ChannelStats
 from encoder_service.samples import write_tar, write_video
-from encoder_service.shards import decode_tensor
+from encoder_service.shards import decode_tensor, totals
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("local_ray")]
 
@@ -55,18 +56,19 @@ def fp32_run(shards, tmp_path_factory):
 
 
 def test_manifest_statistics_equal_the_part_files(fp32_run):
-    out, _ = fp32_run
+    out, record = fp32_run
     manifest = json.load(open(out / "_manifests" / "shard-000000.json"))
     rows = pyarrow.dataset.dataset(str(out / "latents")).to_table().to_pylist()
     for kind in ("mean", "logvar"):
         x = torch.stack([decode_tensor(r[kind], r["latent_shape"], r["latent_dtype"]) for r in rows]).double()
         per_channel = x.transpose(0, 1).flatten(1)
-        stats = manifest["stats"][kind]
+        stats = totals.channel_summary(ChannelStats(**manifest["stats"][kind]))  # manifests hold sums
         assert stats["count"] == [per_channel.shape[1]] * per_channel.shape[0]
         assert torch.allclose(torch.tensor(stats["mean"], dtype=torch.float64), per_channel.mean(1), atol=1e-9)
         assert torch.allclose(torch.tensor(stats["std"], dtype=torch.float64), per_channel.std(1, unbiased=False),
                               atol=1e-7)
-    assert manifest["checkpoint_sha256"] == manifest["run"]["vae_sha256"] and manifest["non_finite_rejected"] == 0
+    assert manifest["run"]["vae_sha256"] == record["settings"]["checkpoint_sha256"]
+    assert manifest["non_finite_rejected"] == 0
 
 
 @pytest.mark.parametrize("precision, low, high", [("fp32", 0.0, 1e-5), ("bf16", 1e-3, 0.1)])
@@ -116,23 +118,24 @@ def test_an_altered_weight_shows_up_as_drift(fp32_run, shards, tmp_path):
     assert drift["alert"] and drift["mean_shift_ratio"] > changed["quality"]["drift_bounds"]["mean_shift_ratio"]
 
 
-def test_inspect_lists_done_failed_and_pending_shards(shards, tmp_path, capsys):
+def test_inspect_lists_done_failed_pending_and_missing_shards(shards, tmp_path, capsys):
     d = tmp_path / "in"
     d.mkdir()
     shutil.copy(shards / "shard-000000.tar", d / "shard-000000.tar")
     (d / "shard-000001.tar").write_bytes(b"")  # unreadable for the run below: removed before it starts
     os.unlink(d / "shard-000001.tar")
     job(f"{d}/shard-{{000000..000001}}.tar", tmp_path / "out", "--qa-fraction", "1")
-    report = inspect(capsys, str(tmp_path / "out"), "--input", f"{d}/shard-{{000000..000002}}.tar", "--json")
+    shutil.copy(shards / "shard-000000.tar", d / "shard-000003.tar")  # added later: still to do
+    report = inspect(capsys, str(tmp_path / "out"), "--input", f"{d}/shard-{{000000..000003}}.tar", "--json")
     assert report["shards_done"] == ["shard-000000"] and list(report["shards_failed"]) == ["shard-000001"]
-    assert report["shards_pending"] == ["shard-000002"]
+    assert report["shards_pending"] == ["shard-000003"] and report["shards_missing"] == ["shard-000002"]
     assert report["qa"]["clips"] == report["latents"] > 0 and report["settings"]["size"] == "32x32"
     text = inspect(capsys, str(tmp_path / "out"))
     assert "1 shards done, 1 failed" in text and "failed  shard-000001: " in text and "QA: " in text
 
 
 def test_inspect_an_s3_folder(shards, s3_server, capsys):  # noqa: F811
-    endpoint, storage = s3_server
+    endpoint, storage, _ = s3_server
     bucket = make_bucket(storage, "inspected")
     job(f"{shards}/shard-000000.tar", f"{bucket}/out", "--s3-endpoint-url", endpoint)
     assert inspect(capsys, f"{bucket}/out", "--s3-endpoint-url", endpoint, "--json")["shards_done"] == ["shard-000000"]

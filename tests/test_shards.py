@@ -10,8 +10,9 @@ from services import make_bucket, s3_server  # noqa: F401
 from torch.utils.data import DataLoader
 
 from encoder_service.options import dtype_name
-from encoder_service.records import LatentRow, LedgerRow
+from encoder_service.records import DataFile, LatentRow, LedgerRow, Manifest, RunMeta, ShardStats
 from encoder_service.shards import (
+    SCHEMA_VERSION,
     LatentShardDataset,
     ShardError,
     ShardStatus,
@@ -23,7 +24,7 @@ from encoder_service.shards import (
 )
 from encoder_service.storage import filesystem
 
-RUN = {"vae_name": "wfvae-l-16chn", "vae_sha256": "ab" * 32, "precision": "bf16", "pipeline_version": "test"}
+RUN = RunMeta("wfvae-l-16chn", "ab" * 32, "bf16", "test", [0.18215] * 16, [0.0] * 16, "s1")
 SHAPES = [(16, 9, 4, 4), (16, 1, 8, 6), (8, 5, 2, 4)]
 
 
@@ -31,8 +32,8 @@ def latent_row(key, mean, logvar) -> LatentRow:
     return LatentRow(key, "s3://in/shard-000.tar", key.split("/")[1], 0, list(range(33)), 30.0, 30.0, [720, 1280], 0,
                      [0, 80, 256, 256], "33x256x256", json.dumps({"caption": key}), encode_tensor(mean),
                      None if logvar is None else encode_tensor(logvar), list(mean.shape), dtype_name(mean.dtype),
-                     RUN["vae_name"], RUN["vae_sha256"], [0.18215] * mean.shape[0], [0.0] * mean.shape[0],
-                     RUN["precision"], RUN["pipeline_version"])
+                     RUN.vae_name, RUN.vae_sha256, [0.18215] * mean.shape[0], [0.0] * mean.shape[0],
+                     RUN.precision, RUN.pipeline_version)
 
 
 def make_rows(dtype, n=6, shard="000", seed=0):
@@ -51,8 +52,9 @@ def write(url, shard, rows, errors=(), storage=None, units=1, row_group_bytes=64
     writer = StagingWriter(fs, root, RUN, row_group_bytes)
     per = -(-len(rows) // units)
     staged = {u: writer.write(shard, u, rows[u * per:(u + 1) * per]) for u in range(units)}
-    return commit_shard(fs, root, shard, staged, list(errors), RUN, {"settings": "s1", "clips": len(rows),
-                                                                      "latents": len(rows)})
+    manifest = Manifest(SCHEMA_VERSION, shard, "s1", RUN, "s3://in/shard.tar", None, len(rows), len(rows), {}, 0,
+                        ShardStats(), [], [], DataFile("", 0, 0, ""))
+    return commit_shard(fs, root, manifest, staged, list(errors))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -68,7 +70,7 @@ def test_local_write_read_is_bit_exact(tmp_path, dtype):
 
 
 def test_s3_write_read_is_bit_exact(s3_server):  # noqa: F811
-    _, storage = s3_server
+    storage = s3_server.storage
     bucket = make_bucket(storage, "latents")
     tensors, rows = make_rows(torch.bfloat16)
     write(f"{bucket}/run1", "000", rows, storage=storage, units=2)
@@ -182,4 +184,4 @@ def test_plain_pyarrow_can_read_it(tmp_path):
     row = table.slice(0, 1).to_pylist()[0]
     mean = torch.frombuffer(bytearray(row["mean"]), dtype=torch.float32).reshape(row["latent_shape"])
     assert torch.equal(mean, tensors[row["key"]][0])
-    assert table.schema.metadata[b"wfvae.schema_version"] == b"2"
+    assert table.schema.metadata[b"wfvae.schema_version"] == SCHEMA_VERSION.encode() == b"3"

@@ -90,8 +90,18 @@ class JobConfig:
                                     _number(int, 1, 2 ** 31, "max shards"))
     dry_run: int | None = option(None, "encode N clips here, report rates and what to provision",
                                  _number(int, 1, 100000, "dry run clips"))
-    verify_existing: str = option("size", "size | checksum: how finished shards are checked",
-                                  options.choice(options.VERIFY, "verify"))
+    verify_existing: str = option("none", "none | size | checksum: re-check the files of finished shards (size: "
+                                  "a HEAD and a footer read per file, checksum: every byte); none trusts their "
+                                  "manifests", options.choice(options.VERIFY, "verify"))
+    input_identity: str = option("store", "store | sha256: how a changed input shard is told; store: its size and "
+                                 "ETag (S3) or mtime (local) from the listing; sha256: also its content's hash "
+                                 "(reads each new or store-changed input once more while planning)",
+                                 options.choice(options.INPUT_IDENTITY, "input identity"))
+    lease_ttl_s: float = option(600.0, "seconds after its last renewal (every ttl/4) that a run's lease on the "
+                                "output folder expires if its holder died; the next run then takes over",
+                                _number(float, 1, 86400, "lease ttl"))
+    commit_threads: int = option(16, "shards committed concurrently by the driver (each in order: data, ledger, "
+                                 "manifest last)", _number(int, 1, 256, "commit threads"))
     qa_fraction: float = option(0.002, "fraction of clips re-encoded in fp32 and decoded for the quality report",
                                 _number(float, 0, 1, "qa fraction"))
     ray_address: str | None = option(None, "Ray cluster address (default: RAY_ADDRESS or a local cluster)", str)

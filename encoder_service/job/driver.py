@@ -6,17 +6,24 @@ bytes plus its ledger rows. Records are keyed by (shard, unit), so a unit retrie
 lost node or actor) cannot be counted twice. A shard is committed when its end row and all its
 units are in and nothing failed; a shard whose input could not be read, or one of whose units
 failed for a reason that was not its input, is reported and left uncommitted for the next run.
+
+Commits of different shards run concurrently in a bounded pool (within a shard: data, ledger,
+manifest last); what a commit leaves behind is merged here, one O(channels) step per shard, into
+the run's totals and the folder index. Nothing is kept per committed shard but its id.
 """
+import functools
 import time
 from collections import Counter
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 from encoder_service import metrics
-from encoder_service.job import latent_stats, qa
 from encoder_service.job.plan import Plan
-from encoder_service.records import LedgerRow, QaRow, ShardEnd, StageRow, UnitResult
+from encoder_service.records import DataFile, FolderTotals, Manifest, ShardEnd, ShardStats, StageRow, UnitResult
+from encoder_service.shards import totals
+from encoder_service.shards.index import IndexWriter
 from encoder_service.shards.schema import SCHEMA_VERSION
-from encoder_service.shards.writer import commit_shard, remove_staging
+from encoder_service.shards.writer import Committed, commit_shard, remove_staging
 from encoder_service.storage import scrub
 
 
@@ -34,11 +41,10 @@ class ShardState:
 
 @dataclass
 class Totals:
-    """What this invocation did (the folder's totals come from the manifests)."""
+    """What this invocation did (the folder's totals: records.FolderTotals)."""
     shards_done: int = 0
     clips: int = 0
     latents: int = 0
-    latent_bytes: int = 0
     ledger: Counter = field(default_factory=Counter)      # "stage/reason" -> rows
     failed: dict = field(default_factory=dict)            # shard id -> reason
     encode_seconds: float = 0.0
@@ -47,20 +53,28 @@ class Totals:
     clips_encoded: int = 0                                # as units come back, before their shard commits
     shards_ingested: int = 0                              # end rows seen ...
     clips_ingested: int = 0                               # ... and their clips: for the estimated total
-    qa: list = field(default_factory=list)                # QA rows (dicts) of the shards committed
+
+
+class LeaseLost(RuntimeError):
+    pass
 
 
 class Driver:
-    def __init__(self, plan: Plan, on_progress=None):
+    def __init__(self, plan: Plan, on_progress=None, commit_threads: int = 16):
         self.plan, self.states, self.totals = plan, {}, Totals()
-        self.committed: dict[str, dict] = {}
+        self.committed: set[str] = set()
+        self.run = FolderTotals()                          # the shards this run committed
         self.on_progress = on_progress or (lambda totals: None)
-        self.history = {kind: latent_stats.of_manifests(plan.history.values(), kind) for kind in ("mean", "logvar")}
+        self.index = IndexWriter(plan.fs, plan.root, plan.index)
+        self.pool = ThreadPoolExecutor(commit_threads, thread_name_prefix="wfvae-commit")
+        self.inflight: dict[str, Future] = {}
+        self.max_inflight = 2 * commit_threads             # backpressure on the stream of results
 
     def add(self, row: StageRow) -> None:
-        if row.shard_id in self.committed or row.shard_id in self.totals.failed:
+        sid = row.shard_id
+        if sid in self.committed or sid in self.totals.failed or sid in self.inflight:
             return  # a late copy (Ray re-ran a task whose output was lost with a node): already final
-        state = self.states.setdefault(row.shard_id, ShardState())
+        state = self.states.setdefault(sid, ShardState())
         t = self.totals
         if row.kind == "end" and state.end is None:
             state.end = row.end
@@ -71,61 +85,102 @@ class Driver:
             t.clips_encoded += row.result.clips - len(row.result.ledger)
             t.first_result = t.first_result or time.time()
         if state.finished():
-            self._finish(row.shard_id, self.states.pop(row.shard_id))
+            self._finish(sid, self.states.pop(sid))
+        self._reap(block=False)
         self.on_progress(self.totals)
 
-    def _finish(self, shard_id: str, state: ShardState) -> None:
+    def _finish(self, sid: str, state: ShardState) -> None:
         failure = state.failure()
+        if failure is None and not self.plan.lease.valid():
+            failure = f"the run lost the output folder's lease ({self.plan.lease.lost}): not committed"
         if failure:
-            remove_staging(self.plan.fs, self.plan.root, shard_id)
-            self.totals.failed[shard_id] = failure
-            metrics.inc("wfvae_shards", status="failed")
+            remove_staging(self.plan.fs, self.plan.root, sid)
+            self._failed(sid, failure)
             return
-        self._commit(shard_id, state)
+        while len(self.inflight) >= self.max_inflight:
+            self._reap(block=True)
+        self.inflight[sid] = self.pool.submit(self._commit, self._manifest(sid, state), state)
 
-    def _commit(self, shard_id: str, state: ShardState) -> None:
-        start = time.perf_counter()
+    def _manifest(self, sid: str, state: ShardState) -> Manifest:
+        """Everything of the shard's manifest but its files (the commit adds them)."""
         results = [state.results[i] for i in sorted(state.results)]
-        ledger = list(state.end.ledger) + [row for r in results for row in r.ledger]
-        staged = {r.index: r.file for r in results if r.file is not None}
-        latents = sum(f.rows for f in staged.values())
-        reasons = Counter(f"{row.stage}/{row.reason}" for row in ledger)
-        qa_rows = [q.__dict__ for q in sorted((q for r in results for q in r.qa), key=lambda q: q.key)]
-        manifest = {"schema_version": SCHEMA_VERSION, "settings": self.plan.fingerprint, "run": self.plan.run_meta,
-                    "checkpoint_sha256": self.plan.run_meta["vae_sha256"], "source_url": scrub(state.end.source_url),
-                    "clips": state.end.clips, "latents": latents, "ledger_reasons": dict(sorted(reasons.items())),
-                    "non_finite_rejected": reasons.get("encode/non_finite_latent", 0),
-                    "stats": {"mean": latent_stats.merge([r.mean_stats for r in results]),
-                              "logvar": latent_stats.merge([r.logvar_stats for r in results])},
-                    "qa": qa_rows}
-        self.committed[shard_id] = commit_shard(self.plan.fs, self.plan.root, shard_id, staged, ledger,
-                                                self.plan.run_meta, manifest)
-        self.totals.qa += qa_rows
-        self._count(state.end.clips, latents, sum(f.bytes for f in staged.values()), reasons)
-        self._report_quality()
-        metrics.observe("wfvae_write_seconds", time.perf_counter() - start)
+        reasons = Counter(f"{row.stage}/{row.reason}" for row in self._ledger(state))
+        stats = functools.reduce(totals.add_shard_stats, (ShardStats(r.mean_stats, r.logvar_stats) for r in results),
+                                 ShardStats())
+        pending = self.plan.pending[sid]
+        return Manifest(SCHEMA_VERSION, sid, self.plan.fingerprint, self.plan.run_meta, scrub(state.end.source_url),
+                        pending.input, state.end.clips, sum(r.file.rows for r in results if r.file),
+                        dict(sorted(reasons.items())), reasons.get("encode/non_finite_latent", 0), stats,
+                        sorted((q for r in results for q in r.qa), key=lambda q: q.key), [], DataFile("", 0, 0, ""))
 
-    def _count(self, clips: int, latents: int, latent_bytes: int, reasons: Counter) -> None:
+    @staticmethod
+    def _ledger(state: ShardState) -> list:
+        return list(state.end.ledger) + [row for i in sorted(state.results) for row in state.results[i].ledger]
+
+    def _commit(self, manifest: Manifest, state: ShardState) -> tuple[Committed, float]:
+        """In a commit thread: store requests only; the bookkeeping happens in _reap."""
+        start = time.perf_counter()
+        staged = {i: r.file for i, r in state.results.items() if r.file is not None}
+        committed = commit_shard(self.plan.fs, self.plan.root, manifest, staged, self._ledger(state),
+                                 replaces=self.plan.pending[manifest.shard_id].replaces, guard=self._guard)
+        return committed, time.perf_counter() - start
+
+    def _guard(self) -> None:
+        """Checked just before a manifest is written: never commit without the folder's lease."""
+        if not self.plan.lease.valid():
+            raise LeaseLost(f"the run lost the output folder's lease ({self.plan.lease.lost}): not committed")
+
+    def _reap(self, block: bool) -> None:
+        if block and self.inflight:
+            wait(list(self.inflight.values()), return_when=FIRST_COMPLETED)
+        for sid in [s for s, f in self.inflight.items() if f.done()]:
+            try:
+                committed, seconds = self.inflight.pop(sid).result()
+            except Exception as exc:  # noqa: BLE001 - a store that fails after retries: the shard, not the run
+                self._failed(sid, scrub(str(exc)) if isinstance(exc, LeaseLost) else
+                             scrub(f"commit failed ({type(exc).__name__}: {exc}); the next run redoes it"))
+                continue
+            self._count(committed, seconds)
+
+    def _failed(self, sid: str, reason: str) -> None:
+        self.totals.failed[sid] = reason
+        metrics.inc("wfvae_shards", status="failed")
+
+    def _count(self, c: Committed, seconds: float) -> None:
+        record = totals.shard_record(c.manifest, c.manifest_bytes, c.manifest_tag)
+        self.committed.add(record.shard_id)
+        self.index.add(record)
+        totals.add_shard(self.run, record)
         t = self.totals
-        t.shards_done, t.clips, t.latents, t.latent_bytes = (t.shards_done + 1, t.clips + clips, t.latents + latents,
-                                                             t.latent_bytes + latent_bytes)
-        t.ledger.update(reasons)
+        t.shards_done, t.clips, t.latents = t.shards_done + 1, t.clips + record.clips, t.latents + record.latents
+        t.ledger.update(record.ledger_reasons)
         metrics.inc("wfvae_shards", status="done")
-        metrics.inc("wfvae_latents_written", latents)
-        metrics.inc("wfvae_latent_bytes_written", latent_bytes)
-        for key, n in reasons.items():
+        metrics.inc("wfvae_latents_written", record.latents)
+        metrics.inc("wfvae_latent_bytes_written", record.file_bytes)
+        for key, n in record.ledger_reasons.items():
             stage, reason = key.split("/", 1)
             metrics.inc("wfvae_errors", n, stage=stage, reason=reason)
+        metrics.observe("wfvae_write_seconds", seconds)
+        self._report_quality()
+
+    def drain(self) -> None:
+        """Wait for the commits under way."""
+        while self.inflight:
+            self._reap(block=True)
+
+    def close(self) -> None:
+        """Wait for the commits under way and write the index rows not yet written."""
+        self.drain()
+        self.pool.shutdown()
+        self.index.flush()
+        self.on_progress(self.totals)
 
     def quality(self) -> dict:
         """This run's latent statistics, their drift against the folder's history, and the QA figures."""
-        run = {kind: latent_stats.of_manifests(self.committed.values(), kind) for kind in ("mean", "logvar")}
-        return {"stats": run, "drift": {kind: latent_stats.drift(run[kind], self.history[kind]) for kind in run},
-                "drift_bounds": {"mean_shift_ratio": latent_stats.MAX_MEAN_SHIFT,
-                                 "std_ratio": latent_stats.MAX_STD_RATIO},
-                "qa": qa.summarize(self.totals.qa)}
+        return totals.quality_report(self.run, self.plan.history)
 
     def _report_quality(self) -> None:
+        """O(channels): the run's statistics are running sums."""
         report = self.quality()
         for kind, stats in report["stats"].items():
             for c, (mean, std) in enumerate(zip(stats["mean"], stats["std"]) if stats else ()):
@@ -144,4 +199,4 @@ class Driver:
         return {shard_id: "the run ended before all of the shard's units came back" for shard_id in self.states}
 
 
-__all__ = ["Driver", "LedgerRow", "QaRow", "Totals"]
+__all__ = ["Driver", "Totals"]

@@ -9,8 +9,9 @@ import numpy as np
 
 from encoder_service.engine import LatentEncoder
 from encoder_service.ingest.clips import IngestConfig, IngestedClip, ingest_shard
+from encoder_service.ingest.inputs import expand_inputs
 from encoder_service.job.config import JobConfig
-from encoder_service.job.plan import JobError, expand_inputs, model_identity
+from encoder_service.job.plan import JobError, model_identity
 from encoder_service.job.units import UnitBuilder, UnitPlan
 from encoder_service.storage import StorageOptions
 

@@ -52,18 +52,3 @@ class QualityCheck:
             z = mean[None].to(self.reference.device, torch.float32)
             return vae.decode(z, chunk_latents=DECODE_CHUNK_LATENTS).float().cpu()
 
-
-def summarize(rows: list[dict]) -> dict | None:
-    """mean / p99 / max of the drifts, mean PSNR and SSIM over QA rows (dicts of QaRow fields)."""
-    if not rows:
-        return None
-    out = {"clips": len(rows)}
-    for name in ("drift_mean", "drift_logvar"):
-        values = np.array([r[name] for r in rows])
-        out[name] = {"mean": float(values.mean()), "p99": float(np.quantile(values, 0.99)), "max": float(values.max())}
-    finite = [r["psnr"] for r in rows if np.isfinite(r["psnr"])]
-    out["psnr_db"] = float(np.mean(finite)) if finite else float("inf")
-    out["ssim"] = float(np.mean([r["ssim"] for r in rows]))
-    out["note"] = ("reconstruction figures reflect the checkpoint: with random weights (e.g. the demo's) they "
-                   "only show that the check runs")
-    return out

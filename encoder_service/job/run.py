@@ -5,6 +5,7 @@
            -> driver: small records per shard; commit when complete (job/driver.py)
 """
 import copy
+import dataclasses
 import json
 import os
 import re
@@ -24,7 +25,7 @@ from encoder_service.job.driver import Driver, Totals
 from encoder_service.job.plan import Plan, prepare
 from encoder_service.job.progress import Progress
 from encoder_service.job.stages import EncoderSpec, EncodeUnits, ingest_shards
-from encoder_service.job.summary import folder_summary, write_records
+from encoder_service.job.summary import folder_after_run, write_records
 from encoder_service.job.units import MAX_UNIT_FRAME_BYTES, UnitPlan
 from encoder_service.model.wfvae import resolve_checkpoint
 from encoder_service.records import StageRow, from_table
@@ -72,17 +73,17 @@ def run_job(cfg: JobConfig) -> dict:
     """Plan (JobError before Ray), run, write the folder summary; the outcome is counted in
     `wfvae_job_runs_total`, then the driver lingers so Ray's metrics agent exports the last values."""
     plan = prepare(cfg)
-    print(f"[plan] {len(plan.urls)} input shards: {len(plan.todo)} to encode, {len(plan.skipped)} already complete",
-          flush=True)
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray_address, ignore_reinit_error=True, log_to_driver=True, logging_level="ERROR")
-    _quiet_ray_data_console()
     outcome = "failed"
     try:
+        print(plan.line(), flush=True)
+        if not ray.is_initialized():
+            ray.init(address=cfg.ray_address, ignore_reinit_error=True, log_to_driver=True, logging_level="ERROR")
+        _quiet_ray_data_console()
         record = _run(cfg, plan)
         outcome = "failed" if record["shards_failed"] else "succeeded"
         return record
     finally:
+        plan.lease.release()
         metrics.inc("wfvae_job_runs", outcome=outcome)
         time.sleep(cfg.metrics_linger_s)
 
@@ -109,17 +110,20 @@ def _quiet_ray_data_console() -> None:
 
 def _run(cfg: JobConfig, plan: Plan) -> dict:
     progress = Progress(len(plan.todo), cfg.progress_every_s)
-    driver = Driver(plan, progress.update)
-    metrics.inc("wfvae_shards", len(plan.skipped), status="skipped")
+    driver = Driver(plan, progress.update, cfg.commit_threads)
+    metrics.inc("wfvae_shards", plan.skipped, status="skipped")
     metrics.set_gauge("wfvae_job_shards_planned", len(plan.todo))
     if plan.todo and cfg.num_gpus > 0 and ray.cluster_resources().get("GPU", 0) < 1:
         print("[plan] the cluster has no GPU yet: the encoder actors wait for one (an autoscaler adds GPU nodes; "
               "without one pass --num-gpus 0)", file=sys.stderr, flush=True)
-    if plan.todo:
-        _consume(build_dataset(cfg, plan, faults.make_registry()), driver)
+    try:
+        if plan.todo:
+            _consume(build_dataset(cfg, plan, faults.make_registry()), driver)
+    finally:
+        driver.close()
     failed = {**driver.totals.failed, **driver.unfinished()}
     progress.close(driver.totals)
-    folder = folder_summary(plan.fs, plan.root, {**plan.manifests, **driver.committed})
+    folder = folder_after_run(plan, driver.run, driver.committed)
     record = {**_run_record(cfg, plan, driver.totals, failed, progress), "quality": driver.quality()}
     write_records(plan.fs, plan.root, folder, record)
     print("[summary] " + scrub(json.dumps({k: record[k] for k in ("shards_done", "shards_skipped", "shards_failed",
@@ -173,12 +177,13 @@ def _run_record(cfg: JobConfig, plan: Plan, t: Totals, failed: dict, progress: P
     busy = None
     if t.first_result is not None:
         busy = round(min(1.0, t.encode_seconds / (cfg.actors() * max(1e-9, time.time() - t.first_result))), 3)
-    return {"inputs": len(plan.urls), "shards_done": t.shards_done, "shards_skipped": len(plan.skipped),
+    return {"inputs": plan.inputs, "shards_done": t.shards_done, "shards_skipped": plan.skipped,
+            "shards_by_reason": dict(sorted(plan.why.items())),
             "shards_failed": len(failed), "failed_shards": dict(sorted(failed.items())), "clips": t.clips,
             "latents": t.latents, "errors": sum(t.ledger.values()), "errors_by_reason": dict(sorted(t.ledger.items())),
             "seconds": round(elapsed, 2), "clips_per_s": round(t.latents / elapsed, 3) if elapsed else 0.0,
             "encoder_busy_fraction": busy, "driver_bytes_received": t.driver_bytes,
-            "settings": plan.settings, "run": plan.run_meta, "config": to_json(cfg)}
+            "settings": plan.settings, "run": dataclasses.asdict(plan.run_meta), "config": to_json(cfg)}
 
 
 __all__ = ["JobFailed", "run_job"]

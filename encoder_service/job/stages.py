@@ -7,7 +7,6 @@
                     through. Only small records leave an actor, never latents.
 """
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -29,6 +28,7 @@ from encoder_service.records import (
     Clip,
     LatentRow,
     LedgerRow,
+    RunMeta,
     ShardEnd,
     StageRow,
     Unit,
@@ -89,7 +89,7 @@ class EncoderSpec:
     store_logvar: bool
     output: str
     storage: StorageOptions
-    run_meta: dict
+    run_meta: RunMeta
     qa_fraction: float = 0.0
     qa_seed: int = 0
 
@@ -214,13 +214,13 @@ def unit_and_frames(scalar) -> tuple[Unit, np.ndarray]:
     return Unit(scalar["shard_id"].as_py(), scalar["index"].as_py(), shape, clips, b""), frames
 
 
-def latent_row(clip: Clip, mean: torch.Tensor, logvar: torch.Tensor | None, run_meta: dict) -> LatentRow:
+def latent_row(clip: Clip, mean: torch.Tensor, logvar: torch.Tensor | None, run_meta: RunMeta) -> LatentRow:
     return LatentRow(**{f.name: getattr(clip, f.name) for f in dataclasses.fields(Clip)},
                      mean=encode_tensor(mean), logvar=encode_tensor(logvar) if logvar is not None else None,
                      latent_shape=list(mean.shape), latent_dtype=dtype_name(mean.dtype),
-                     vae_name=run_meta["vae_name"], vae_sha256=run_meta["vae_sha256"],
-                     scale=json.loads(run_meta["scale"]), shift=json.loads(run_meta["shift"]),
-                     precision=run_meta["precision"], pipeline_version=run_meta["pipeline_version"])
+                     vae_name=run_meta.vae_name, vae_sha256=run_meta.vae_sha256, scale=list(run_meta.scale),
+                     shift=list(run_meta.shift), precision=run_meta.precision,
+                     pipeline_version=run_meta.pipeline_version)
 
 
 def channel_stats(tensors: list[torch.Tensor]) -> ChannelStats | None:

@@ -8,11 +8,19 @@ start with `_`, which pyarrow, Spark, DuckDB, polars and HF datasets skip.
                                           last, it is what makes the shard complete
     _settings.json                        the latent-affecting settings the folder belongs to
     _staging/<shard>/                     data files written by encoder actors, not yet committed
+    _staging/<shard>/_commit.json         a commit's intent: the files it may leave in latents/ and errors/
+                                          if cut off (the next run removes them)
+    _staging/_tmp-<uuid>                  a local file being published (renamed into place whole)
+    _index/seg-<seq>.parquet              the folder index: one records.ShardRecord per committed shard,
+                                          appended by each run, compacted now and then (shards/index.py)
+    _lease/<generation>.json              who runs on the folder now (shards/lease.py)
     _runs/<time>-<run>.json               one record per invocation
-    summary.json                          the whole folder, recomputed from the manifests each run
+    summary.json                          the whole folder, merged from the index and the run's commits
 """
 LATENTS, ERRORS, MANIFESTS, STAGING, RUNS = "latents", "errors", "_manifests", "_staging", "_runs"
+INDEX, LEASE = "_index", "_lease"
 SETTINGS, SUMMARY = "_settings.json", "summary.json"
+COMMIT_INTENT, LOCAL_TMP_PREFIX = "_commit.json", "_tmp-"
 
 
 def data_name(shard_id: str, unit: int) -> str:
@@ -43,3 +51,13 @@ def shard_of(file_name: str) -> str | None:
     if file_name.startswith("errors-") and file_name.endswith(".parquet"):
         return file_name[len("errors-"):-len(".parquet")]
     return None
+
+
+def segment_name(seq: int) -> str:
+    return f"{INDEX}/seg-{seq:012d}.parquet"
+
+
+def segment_seq(file_name: str) -> int | None:
+    """The sequence number of an index segment file name, None for anything else."""
+    stem = file_name[len("seg-"):-len(".parquet")]
+    return int(stem) if file_name.startswith("seg-") and file_name.endswith(".parquet") and stem.isdigit() else None

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from encoder_service.shards import layout
-from encoder_service.shards.manifest import check_files, list_manifests, read_manifest
+from encoder_service.shards.manifest import ManifestUnreadable, check_files, list_manifests, read_manifest
 from encoder_service.shards.schema import decode_tensor, read_run_metadata
 from encoder_service.storage import StorageOptions, filesystem, join
 
@@ -38,12 +38,15 @@ def data_files(root: str, storage: StorageOptions | None = None, require_manifes
         return [protocol + p for p in sorted(fs.glob(join(path, layout.LATENTS) + "/*.parquet"))]
     files = []
     for shard_id in list_manifests(fs, path):
-        manifest = read_manifest(fs, path, shard_id)
-        problem = check_files(fs, path, manifest, verify)
+        try:
+            manifest = read_manifest(fs, path, shard_id)
+            problem = check_files(fs, path, manifest, verify) if manifest else "manifest vanished"
+        except ManifestUnreadable as exc:
+            problem = str(exc)
         if problem:
             raise ShardError(f"{root}: shard {shard_id}: {problem}; re-run the encode job for this shard, or "
                              "pass require_manifest=False to read the folder anyway")
-        files += [join(root, entry["name"]) for entry in manifest["files"]]
+        files += [join(root, entry.name) for entry in manifest.files]
     return files
 
 

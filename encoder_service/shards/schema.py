@@ -4,14 +4,19 @@ Arrow has no bfloat16, so tensors are stored as raw little-endian bytes with `la
 (C, t, h, w) and `latent_dtype` columns (records.LatentRow); a reader that ignores `latent_dtype`
 is a bug. The row schema itself is derived from records.LatentRow.
 """
+import dataclasses
+import json
 import sys
 
 import numpy as np
 import torch
 
 from encoder_service.options import dtype_name, stored_dtype
+from encoder_service.records import RunMeta
 
-SCHEMA_VERSION = "2"  # 2: latents/, errors/, _manifests/ layout; several data files per shard
+# 2: latents/, errors/, _manifests/ layout; several data files per shard
+# 3: typed manifests (records.Manifest) with the input's identity; the folder index _index/; the lease
+SCHEMA_VERSION = "3"
 _RAW = {"bfloat16": "<u2", "float16": "<f2", "float32": "<f4"}  # bf16 travels as its 16-bit pattern
 
 
@@ -34,9 +39,12 @@ def decode_tensor(data: bytes, shape, dtype: str) -> torch.Tensor:
     return t.view(torch.bfloat16) if dtype == "bfloat16" else t
 
 
-def run_metadata(meta: dict[str, str]) -> dict[bytes, bytes]:
-    """Parquet key-value metadata: run-level fields, prefixed so they never clash with Arrow's."""
-    return {f"wfvae.{k}".encode(): str(v).encode() for k, v in {"schema_version": SCHEMA_VERSION, **meta}.items()}
+def run_metadata(meta: RunMeta) -> dict[bytes, bytes]:
+    """Parquet key-value metadata: run-level fields, prefixed so they never clash with Arrow's
+    (lists as JSON)."""
+    fields = {"schema_version": SCHEMA_VERSION, **dataclasses.asdict(meta)}
+    return {f"wfvae.{k}".encode(): (json.dumps(v) if isinstance(v, list) else str(v)).encode()
+            for k, v in fields.items()}
 
 
 def read_run_metadata(schema) -> dict[str, str]:

@@ -1,0 +1,171 @@
+"""One run per output folder: a lease in `_lease/`, taken before anything in the folder is touched.
+
+The lease is a sequence of generation files `_lease/<n>.json`, each created only if absent (O_EXCL
+on local disk, a conditional put `If-None-Match: *` on S3; stores that cannot do this atomically
+are refused). The newest generation says who holds the folder: its holder renews it (rewrites
+`renewed`) every ttl/4, and releases it at the end (`released`). A run that finds the newest
+generation live stops with one line naming the holder; one that finds it released, or not renewed
+for `ttl_s` seconds (its holder died), creates generation n+1. Two runs racing for it both try to
+create the same n+1 and only one can.
+
+A holder that cannot renew within its ttl, or that finds a newer generation (it was taken over after
+looking dead), has lost the lease: `valid()` turns false, and the driver commits nothing more.
+Expiry compares the holder's clock (renewed) with the reader's: hosts must agree on the time to
+well within the ttl (NTP does).
+"""
+import json
+import os
+import socket
+import threading
+import time
+from dataclasses import asdict, dataclass
+
+from encoder_service.shards import layout
+from encoder_service.shards.writer import put_small
+from encoder_service.storage import NotAtomic, join, list_prefix, put_if_absent, retry
+
+DEFAULT_TTL_S = 600.0
+
+
+class LeaseError(Exception):
+    """The folder is held by another run, or its lease cannot be taken: one line, exit 2."""
+
+
+@dataclass(frozen=True)
+class Holder:
+    host: str
+    pid: int
+    ray_job: str | None
+    started: float
+
+    @classmethod
+    def this_process(cls) -> "Holder":
+        return cls(socket.gethostname(), os.getpid(), _ray_submission_id(), time.time())
+
+    def describe(self) -> str:
+        job = f", Ray job {self.ray_job}" if self.ray_job else ""
+        return f"host {self.host}, pid {self.pid}{job}, started {_utc(self.started)}"
+
+
+def _ray_submission_id() -> str | None:
+    """The `ray job submit` id of this driver: Ray hands the job's metadata to the entrypoint."""
+    try:
+        return json.loads(os.environ["RAY_JOB_CONFIG_JSON_ENV_VAR"])["metadata"]["job_submission_id"]
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _utc(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
+
+
+class Lease:
+    def __init__(self, fs, root: str, generation: int, holder: Holder, ttl_s: float):
+        self.fs, self.root, self.generation, self.holder, self.ttl_s = fs, root, generation, holder, ttl_s
+        self.renewed = time.monotonic()
+        self.lost: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ---- taking it ----------------------------------------------------------------------------
+    @classmethod
+    def acquire(cls, fs, root: str, ttl_s: float = DEFAULT_TTL_S, holder: Holder | None = None) -> "Lease":
+        holder = holder or Holder.this_process()
+        for _ in range(3):
+            newest = _generations(fs, root)
+            current = _read(fs, root, newest[-1]) if newest else None
+            if current is not None and not current["released"] and time.time() < current["renewed"] + current["ttl_s"]:
+                raise LeaseError(f"--output {root} is in use by another run ({Holder(**current['holder']).describe()}; "
+                                 f"lease renewed {_utc(current['renewed'])}, expires after {current['ttl_s']:.0f} s "
+                                 "without renewal); one run per output folder at a time")
+            generation = (newest[-1] if newest else 0) + 1
+            lease = cls(fs, root, generation, holder, ttl_s)
+            try:
+                created = put_if_absent(fs, lease.path(generation), lease._record())
+            except NotAtomic:
+                raise LeaseError(f"--output {root}: this store cannot create a file only if it is absent, so two "
+                                 "runs on one folder could not be kept apart; use a local folder or s3://") from None
+            if created:
+                if current is not None and not current["released"]:
+                    print(f"[lease] took over {root} from a run that stopped renewing its lease "
+                          f"({Holder(**current['holder']).describe()})", flush=True)
+                lease._remove_older(newest)
+                return lease
+        raise LeaseError(f"--output {root}: other runs keep taking the folder's lease; try again")
+
+    def path(self, generation: int) -> str:
+        return join(self.root, layout.LEASE, f"{generation:012d}.json")
+
+    def _record(self, released: bool = False) -> bytes:
+        return json.dumps({"holder": asdict(self.holder), "renewed": time.time(), "ttl_s": self.ttl_s,
+                           "released": released, "generation": self.generation}).encode()
+
+    def _remove_older(self, generations: list[int]) -> None:
+        try:
+            if generations:
+                self.fs.rm([self.path(g) for g in generations])
+        except OSError:
+            pass  # stale generations are harmless: the newest one counts
+
+    # ---- holding it ---------------------------------------------------------------------------
+    def renew(self) -> None:
+        newer = [g for g in _generations(self.fs, self.root) if g > self.generation]
+        if newer:
+            self.lost = f"generation {newer[-1]} was taken by another run"
+            return
+        put_small(self.fs, self.root, self.path(self.generation), self._record())  # whole: readers never see half
+        self.renewed = time.monotonic()
+
+    def valid(self) -> bool:
+        """Whether the folder is still ours: not taken over, renewed within the ttl."""
+        if self.lost is None and time.monotonic() - self.renewed > self.ttl_s:
+            self.lost = f"not renewed for {self.ttl_s:.0f} s"
+        return self.lost is None
+
+    def start_renewing(self) -> "Lease":
+        def loop():
+            while not self._stop.wait(self.ttl_s / 4):
+                try:
+                    self.renew()
+                except OSError:
+                    pass  # tried again next time; valid() turns false once the ttl has passed
+                if self.lost:
+                    return
+        self._thread = threading.Thread(target=loop, name="wfvae-lease", daemon=True)
+        self._thread.start()
+        return self
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if self.lost is None and not [g for g in _generations(self.fs, self.root) if g > self.generation]:
+            put_small(self.fs, self.root, self.path(self.generation), self._record(released=True))
+
+
+def _generations(fs, root: str) -> list[int]:
+    found = []
+    for entry in list_prefix(fs, join(root, layout.LEASE)):
+        stem = entry.name[:-len(".json")]
+        if entry.name.endswith(".json") and stem.isdigit():
+            found.append(int(stem))
+        else:
+            raise LeaseError(f"--output {root}: {layout.LEASE}/{entry.name} is not a lease file of this service; "
+                             "if no run is using the folder, delete it")
+    return sorted(found)
+
+
+def _read(fs, root: str, generation: int) -> dict:
+    path = join(root, layout.LEASE, f"{generation:012d}.json")
+    try:
+        data = json.loads(retry(lambda: fs.cat_file(path)))
+        if not isinstance(data, dict):
+            raise TypeError("not an object")
+        Holder(**data["holder"])
+        float(data["renewed"]), float(data["ttl_s"]), bool(data["released"])
+    except FileNotFoundError:  # released and cleaned between the listing and the read: free
+        return {"released": True, "holder": {}, "renewed": 0, "ttl_s": 0}
+    except (ValueError, TypeError, KeyError) as exc:
+        raise LeaseError(f"--output {root}: {path} is not a lease of this service ({type(exc).__name__}); if no "
+                         "run is using the folder, delete it") from None
+    return data
