@@ -6,7 +6,7 @@
 #   bash benchmarks/gpu_acceptance.sh --smoke [STEP...]  # CPU check of this script (tests/test_benchmarks.py)
 #
 # Steps, after the environment record: correctness kernels encoder_ours encoder_official
-# chunk_memory pipeline (the default: their limits add up to 12 minutes, two device calls of a
+# chunk_memory pipeline actor (the default: their limits add up to 14 minutes, two device calls of a
 # 15-minute lease, e.g. "correctness kernels encoder_ours" then the rest), and encoder_small
 # (WF-VAE-S), encoder_diffusers (CogVideoX, Wan) when time is left. The limits are estimates made
 # without a GPU. A failed or timed-out step does not stop the next; acceptance_<device>.json records
@@ -21,7 +21,7 @@ cd "$(dirname "$0")/.."
 smoke=0
 if [ "${1:-}" = "--smoke" ]; then smoke=1; shift; fi
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(correctness kernels encoder_ours encoder_official chunk_memory pipeline)
+[ ${#steps[@]} -gt 0 ] || steps=(correctness kernels encoder_ours encoder_official chunk_memory pipeline actor)
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if [ -d .whl ] && [ $smoke = 0 ]; then  # the device machine: install what it lacks
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
@@ -97,6 +97,14 @@ pipeline() {
   fi
 }
 
+actor() {  # the encoder actor's unit pipeline: host ms per clip on the critical path, model-busy fraction
+  if [ "$smoke" = 1 ]; then
+    "$PY" -m benchmarks.bench_actor --sizes 9x32x32 --units 2 --out "$results/actor_cpu.json"
+  else
+    "$PY" -m benchmarks.bench_actor --device cuda --units 6 --out "$results/actor_cuda.json"
+  fi
+}
+
 run_step() {  # a step under its own time limit; its status and seconds go to the record
   local name=$1 limit=$2 start=$SECONDS status
   echo "== $name (limit ${limit}s)"
@@ -110,10 +118,10 @@ json.dump(record, open(path, 'w'), indent=1)" "$record" "$name" "$status" $((SEC
 }
 
 declare -A limit=([environment]=30 [correctness]=120 [kernels]=60 [encoder_ours]=180 [encoder_official]=120
-                  [encoder_small]=90 [encoder_diffusers]=120 [chunk_memory]=60 [pipeline]=150)
+                  [encoder_small]=90 [encoder_diffusers]=120 [chunk_memory]=60 [pipeline]=150 [actor]=120)
 export L S
 export -f environment correctness kernels encoder encoder_ours encoder_official encoder_small encoder_diffusers \
-  chunk_memory pipeline
+  chunk_memory pipeline actor
 for step in environment "${steps[@]}"; do
   [ -n "${limit[$step]:-}" ] || { echo "unknown step '$step' (one of: ${!limit[*]})"; exit 2; }
   run_step "$step" "${limit[$step]}"

@@ -12,6 +12,7 @@ anything raised while computing is a fault of the machine or the code, not of th
 """
 import contextlib
 import copy
+import threading
 import warnings
 from dataclasses import dataclass
 
@@ -38,6 +39,33 @@ class Encoded:
     mean: torch.Tensor    # (B, z, t, h, w) on the CPU, in the storage dtype
     logvar: torch.Tensor
     finite: torch.Tensor  # (B,) bool: False where the encoder produced NaN or inf
+    sums: torch.Tensor | None = None  # (B, 2, 2, z) float32: per clip and channel, sum and sum of squares
+    #                                   of mean and of logvar (computed where the latents were made)
+    done: object = None   # a CUDA event recorded after the copies to the host; None: they are done
+
+
+class PinnedBuffers:
+    """Page-locked host buffers, reused: a fresh pin_memory() per batch costs a page-locking
+    allocation each time. `slots` buffers, one per batch in flight; each grows to the largest
+    batch it has held."""
+
+    def __init__(self, slots: int = 2):
+        self.free = [torch.empty(0, dtype=torch.uint8) for _ in range(slots)]
+        self.lock = threading.Condition()
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        with self.lock:
+            while not self.free:
+                self.lock.wait()
+            buf = self.free.pop()
+        if buf.numel() < nbytes:
+            buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        return buf
+
+    def give(self, buf: torch.Tensor) -> None:
+        with self.lock:
+            self.free.append(buf)
+            self.lock.notify()
 
 
 class LatentEncoder:
@@ -57,6 +85,8 @@ class LatentEncoder:
             if self.channels_last:
                 to_channels_last_3d(vae)
         self.vae = vae.eval()
+        if self.device.type == "cuda":
+            self.pinned, self.copy_stream = PinnedBuffers(), torch.cuda.Stream(self.device)
 
     @classmethod
     def load(cls, checkpoint: str, config=None, precision: str = "bf16", device: str | None = None,
@@ -82,7 +112,15 @@ class LatentEncoder:
 
     @torch.no_grad()
     def encode(self, frames: np.ndarray | torch.Tensor) -> Encoded:
-        """uint8 (B, T, H, W, 3) -> posterior mean and logvar (B, z, t, h, w)."""
+        """uint8 (B, T, H, W, 3) -> posterior mean and logvar (B, z, t, h, w) on the host."""
+        encoded = self.forward(self.to_device(frames))
+        wait(encoded)
+        return encoded
+
+    def to_device(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Checked frames on the device as (B, 3, T, H, W) (a view of NDHWC storage). On CUDA they
+        pass through a reused pinned buffer and are copied on a side stream, so this call overlaps
+        the model running on the main stream; forward() waits for the copy."""
         with warnings.catch_warnings():  # frames may be a read-only view of a Ray object: only read here
             warnings.filterwarnings("ignore", "The given NumPy array is not writable")
             x = torch.as_tensor(frames)
@@ -92,16 +130,59 @@ class LatentEncoder:
             check_video(x[:0].permute(0, 4, 1, 2, 3), self.precision.compute)
         except ValueError as exc:
             raise ClipRejected(str(exc)) from exc
-        if self.device.type == "cuda" and not x.is_cuda:  # pinned pages let the copy run asynchronously
-            x = x.pin_memory()
-        x = x.to(self.device, non_blocking=True).permute(0, 4, 1, 2, 3)  # a view: no copy
+        if self.device.type == "cuda" and not x.is_cuda:
+            x = self._copy_in(x)
+        return x.permute(0, 4, 1, 2, 3)  # a view: no copy
+
+    def _copy_in(self, x: torch.Tensor) -> torch.Tensor:
+        nbytes = x.numel() * x.element_size()
+        buf = self.pinned.take(nbytes)
+        staged = buf[:nbytes].view(x.dtype).view(x.shape)
+        staged.copy_(x)
+        with torch.cuda.stream(self.copy_stream):
+            out = staged.to(self.device, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(self.copy_stream)
+        torch.cuda.current_stream(self.device).wait_event(copied)
+        out.record_stream(torch.cuda.current_stream(self.device))
+        copied.synchronize()  # the pinned buffer may be reused once its bytes are on the device
+        self.pinned.give(buf)
+        return out
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> Encoded:
+        """The model on device frames from to_device(): mean, logvar, finiteness and per-clip channel
+        sums (float32, on the device) are queued for the host right after it, into pinned memory,
+        so they arrive while the next batch computes; wait(result) before reading them."""
         if x.dtype != torch.uint8:  # float frames in [0, 255]
             x = x.to(self.precision.compute).div(127.5).sub(1.0)
         with numerics(self.precision):
-            posterior = self.vae.encode(x, chunk_frames=self.chunk_for(frames.shape))
-        finite = torch.isfinite(posterior.mean).flatten(1).all(1) & torch.isfinite(posterior.logvar).flatten(1).all(1)
+            posterior = self.vae.encode(x, chunk_frames=self.chunk_for((x.shape[0], x.shape[2], *x.shape[3:])))
+        mean, logvar = posterior.mean, posterior.logvar
+        finite = torch.isfinite(mean).flatten(1).all(1) & torch.isfinite(logvar).flatten(1).all(1)
+        sums = torch.stack([channel_sums(mean), channel_sums(logvar)], dim=1)  # (B, 2, 2, z)
         storage = self.precision.storage
-        return Encoded(posterior.mean.to(storage).cpu(), posterior.logvar.to(storage).cpu(), finite.cpu())
+        out = [mean.to(storage), logvar.to(storage), finite, sums]
+        if self.device.type != "cuda":
+            return Encoded(*out)
+        host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) for t in out]
+        done = torch.cuda.Event()
+        done.record()
+        return Encoded(*host, done=done)
+
+
+def wait(encoded: Encoded) -> Encoded:
+    """Until the results of forward() are on the host."""
+    if encoded.done is not None:
+        encoded.done.synchronize()
+        encoded.done = None
+    return encoded
+
+
+def channel_sums(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, ...) -> (B, 2, C) float32: per clip and channel, the sum and the sum of squares."""
+    flat = x.float().flatten(2)
+    return torch.stack([flat.sum(-1), flat.square().sum(-1)], dim=1)
 
 
 @contextlib.contextmanager

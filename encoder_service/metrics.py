@@ -29,10 +29,17 @@ DEFINITIONS = {
     "wfvae_latents_written": ("counter", "Latent rows committed to shards", ()),
     "wfvae_shards": ("counter", "Shards by outcome: done, skipped (already complete), failed", ("status",)),
     "wfvae_errors": ("counter", "Error-ledger rows by stage and reason", ("stage", "reason")),
-    "wfvae_encoder_busy_seconds": ("counter", "Seconds the encoder spent encoding", ()),
-    "wfvae_encoder_wait_seconds": ("counter", "Seconds the encoder waited for its next batch (idle)", ()),
+    "wfvae_encoder_busy_seconds": ("counter", "Seconds the model ran (CUDA events on a GPU, the model call's wall "
+                                   "time on the CPU)", ()),
+    "wfvae_encoder_wait_seconds": ("counter", "Seconds an encoder actor held no unit (waiting for input)", ()),
+    "wfvae_encoder_critical_host_seconds": ("counter", "Host seconds on the encoder's critical path: while holding "
+                                            "the device, outside the model calls", ()),
+    "wfvae_encoder_finish_seconds": ("counter", "Seconds spent beside the model: latents to rows, statistics, file "
+                                     "write and upload, QA", ()),
+    "wfvae_encoder_units_in_flight": ("gauge", "Units inside an encoder actor (preparing, on the device, finishing)",
+                                      ()),
     "wfvae_decode_seconds": ("histogram", "Decode + resize + crop time per clip", ()),
-    "wfvae_encode_seconds": ("histogram", "Encoder time per batch (copy in, encode, copy out)", ()),
+    "wfvae_encode_seconds": ("histogram", "Model seconds per unit (one encoder call)", ()),
     "wfvae_write_seconds": ("histogram", "Time to write and commit one output shard", ()),
     "wfvae_encoder_memory_bytes": ("gauge", "Encoder device memory in use: CUDA allocated bytes on a GPU, "
                                    "resident set size on CPU", ("device",)),
@@ -56,7 +63,8 @@ DEFINITIONS = {
     "wfvae_qa_psnr_decibels": ("gauge", "Mean PSNR of QA clips decoded from their stored means", ()),
     "wfvae_qa_ssim": ("gauge", "Mean SSIM of QA clips decoded from their stored means", ()),
 }
-UNITLESS = ("wfvae_latent_channel_mean", "wfvae_latent_channel_std", "wfvae_qa_ssim")  # values without a unit
+UNITLESS = ("wfvae_latent_channel_mean", "wfvae_latent_channel_std", "wfvae_qa_ssim",  # values without a unit
+            "wfvae_encoder_units_in_flight")
 
 
 @functools.cache

@@ -19,7 +19,9 @@ from kernels import haar_reference, norm_reference
 ROOT = Path(__file__).resolve().parents[1]
 # the acceptance steps run here as a script (the pipeline step's benchmark: tests/test_pipeline_benchmark.py,
 # in-process on the tests' Ray; encoder_official is encoder_ours' function, measuring nothing on a CPU)
-SMOKE_STEPS = ("correctness", "kernels", "encoder_ours", "chunk_memory")
+SMOKE_STEPS = ("correctness", "kernels", "encoder_ours", "chunk_memory", "actor")
+ACTOR_FIELDS = ("size", "host_ms_per_clip_critical_path", "host_ms_per_clip_serial", "busy_fraction_at_25ms",
+                "busy_fraction_at_50ms")
 FIELDS = ("device", "torch", "impl", "model", "shape", "batch", "dtype", "clips_per_s", "latency_ms",
           "peak_mem_bytes", "tflops")
 
@@ -41,6 +43,10 @@ def test_the_gpu_acceptance_script_runs_on_cpu(tmp_path):
     assert len(records) == 4 and all(r["status"] == "ok" and all(r[k] is not None for k in FIELDS) for r in records)
     assert all(0 < r["bf16_vs_fp32_rel_l2"] < 0.05 for r in records if r["dtype"] == "bfloat16")
     assert (tmp_path / "encoder_ours_cpu.png").exists()
+
+    actor = json.loads((tmp_path / "actor_cpu.json").read_text())
+    assert actor["cases"] and all(all(c[k] is not None for k in ACTOR_FIELDS) for c in actor["cases"])
+    assert all(0 < c["busy_fraction_at_25ms"] <= 1 for c in actor["cases"])
 
     kernels = json.loads((tmp_path / "kernels_cpu.json").read_text())
     kinds = {(r["kernel"], r["impl"]) for r in kernels["results"]}

@@ -149,6 +149,19 @@ def test_a_killed_actor_and_a_fault_that_is_not_the_inputs_are_retried(clean_run
     assert files(tmp_path / "out") == files(out)
 
 
+def test_a_fault_while_writing_is_retried_like_a_model_fault(clean_run, shards, tmp_path, monkeypatch):
+    """The data file is written beside the model, in the thread that finishes the unit: a fault
+    there (a store failing, a bug) ends the actor like a CUDA error does; the unit is retried in a
+    fresh actor and nothing is lost or doubled."""
+    out, raised = clean_run[0], tmp_path / "raised"
+    monkeypatch.setenv(FAULTS, json.dumps({"raise_unit": "shard-000002/0", "times": 1, "raise_stage": "write",
+                                           "marker": str(raised)}))
+    summary = job(f"{shards}/shard-*.tar", tmp_path / "out")
+    assert raised.read_text() == "shard-000002/0\n"
+    assert summary["shards_done"] == 3 and summary["latents"] == 21
+    assert files(tmp_path / "out") == files(out)
+
+
 def test_a_persistent_fault_fails_its_shard_uncommitted(clean_run, shards, tmp_path, monkeypatch):
     out, marker = clean_run[0], tmp_path / "raised"
     monkeypatch.setenv(FAULTS, json.dumps({"raise_unit": "shard-000001/0", "times": 5, "marker": str(marker)}))

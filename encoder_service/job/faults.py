@@ -9,7 +9,8 @@ and the run reports it; a later run redoes the shard.
 Test-only injection comes from the environment variable WFVAE_INJECT_FAULTS (JSON), never from
 job options: {"kill_after_calls": N, "kill_marker": PATH} kills an actor once after N calls
 (PATH is created then); {"raise_unit": "SHARD/INDEX", "times": K, "marker": PATH} raises a
-RuntimeError on the first K attempts of that unit (a line in PATH for each); {"nan_keys": TEXT}
+RuntimeError on the first K attempts of that unit (a line in PATH for each), as the call starts
+or, with "raise_stage": "write", while its data file is written (beside the model); {"nan_keys": TEXT}
 turns the frames of clips whose key contains TEXT into NaN (an input problem: those clips become
 ledger rows). They combine.
 """
@@ -52,6 +53,7 @@ class Injection:
     marker: str | None = None
     raise_unit: str | None = None
     times: int = 0
+    raise_stage: str = "start"   # start | write
     nan_keys: str | None = None
 
     @classmethod
@@ -64,6 +66,15 @@ class Injection:
         if self.kill_after_calls is not None and calls > self.kill_after_calls and not os.path.exists(self.kill_marker):
             open(self.kill_marker, "w").close()
             os._exit(1)
+        if self.raise_stage == "start":
+            self.maybe_raise(unit_key, registry)
+
+    def before_write(self, unit_key: str, registry) -> None:
+        """Called as a unit's data file is about to be written."""
+        if self.raise_stage == "write":
+            self.maybe_raise(unit_key, registry)
+
+    def maybe_raise(self, unit_key: str | None, registry) -> None:
         if unit_key is not None and unit_key == self.raise_unit:
             import ray
             if ray.get(registry.count.remote(unit_key)) < self.times:

@@ -3,6 +3,7 @@ re-encoded in fp32 with TF32 off (drift of the production precision: relative L2
 logvar) and its stored mean is decoded (fp32, causal-cache chunks) and compared with the clip's
 frames (PSNR/SSIM). With random weights (the demo's) the reconstruction only proves the mechanism.
 """
+import contextlib
 import hashlib
 
 import numpy as np
@@ -30,17 +31,28 @@ def rel_l2(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 class QualityCheck:
+    """Runs in the thread that finishes a unit, never holding the device: on CUDA on a stream of
+    its own at the lowest priority, so the production model calls go first; PSNR and SSIM in
+    float32 on the device (encoder_service/quality.py)."""
+
     def __init__(self, checkpoint: str, model_config, device: str, chunk_frames):
         self.reference = LatentEncoder.load(checkpoint, model_config, "fp32", device, chunk_frames)
+        cuda = self.reference.device.type == "cuda"
+        self.stream = torch.cuda.Stream(self.reference.device, priority=0) if cuda else None
 
     def check(self, clips: list[Clip], frames: np.ndarray, means: list[torch.Tensor],
               logvars: list[torch.Tensor]) -> list[QaRow]:
         """frames (N, T, H, W, 3) uint8 of the sampled clips; their stored means and logvars."""
+        with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
+            return self._check(clips, frames, means, logvars)
+
+    def _check(self, clips, frames, means, logvars) -> list[QaRow]:
         ref = self.reference.encode(frames)
         rows = []
         for i, clip in enumerate(clips):
             video = self._decode(means[i])
-            target = torch.from_numpy(np.ascontiguousarray(frames[i])).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
+            target = torch.from_numpy(np.ascontiguousarray(frames[i])).to(video.device).permute(3, 0, 1, 2)[None]
+            target = target.float() / 127.5 - 1
             rows.append(QaRow(clip.key, rel_l2(means[i], ref.mean[i]), rel_l2(logvars[i], ref.logvar[i]),
                               psnr(video, target), ssim(video, target)))
         return rows
@@ -50,5 +62,5 @@ class QualityCheck:
         vae = self.reference.vae
         with numerics(PRECISIONS["fp32"]):
             z = mean[None].to(self.reference.device, torch.float32)
-            return vae.decode(z, chunk_latents=DECODE_CHUNK_LATENTS).float().cpu()
+            return vae.decode(z, chunk_latents=DECODE_CHUNK_LATENTS).float()
 

@@ -26,6 +26,7 @@ from encoder_service.job.plan import Plan, prepare
 from encoder_service.job.progress import Progress
 from encoder_service.job.stages import EncoderSpec, EncodeUnits, ingest_shards
 from encoder_service.job.summary import folder_after_run, write_records
+from encoder_service.job.unit_encoder import UNITS_IN_FLIGHT
 from encoder_service.job.units import MAX_UNIT_FRAME_BYTES, UnitPlan
 from encoder_service.model.wfvae import resolve_checkpoint
 from encoder_service.records import StageRow, from_table
@@ -53,8 +54,11 @@ def build_dataset(cfg: JobConfig, plan: Plan, registry):
                        cfg.seed)
     # Ray Data restarts dead pool actors and retries their calls (max_restarts=-1, max_task_retries=-1);
     # job/faults.py bounds the retries of a unit that keeps failing.
+    # UNITS_IN_FLIGHT calls per actor at once, each in its own thread (job/unit_encoder.py)
+    pool = ActorPoolStrategy(size=cfg.actors(), max_tasks_in_flight_per_actor=UNITS_IN_FLIGHT,
+                             max_concurrent_calls_per_actor=UNITS_IN_FLIGHT, enable_true_multi_threading=True)
     return ds.map_batches(EncodeUnits, fn_constructor_args=(spec, registry), batch_size=1, batch_format="pyarrow",
-                          compute=ActorPoolStrategy(size=cfg.actors()), runtime_env=faults.env_for_workers() or None,
+                          compute=pool, runtime_env=faults.env_for_workers() or None,
                           **encoder_resources(cfg, plan))
 
 

@@ -6,9 +6,9 @@
                     file into the output's staging area and returns a UnitResult; end rows pass
                     through. Only small records leave an actor, never latents.
 """
-import dataclasses
 import os
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -17,16 +17,14 @@ import pyarrow as pa
 import torch
 
 from encoder_service import metrics
-from encoder_service.engine import ClipRejected, LatentEncoder
+from encoder_service.engine import LatentEncoder
 from encoder_service.ingest.clips import IngestConfig, IngestedClip, ShardUnavailable, ingest_shard
 from encoder_service.job import faults
-from encoder_service.job.qa import QualityCheck, selected
+from encoder_service.job.qa import QualityCheck
+from encoder_service.job.unit_encoder import UnitEncoder, UnitOutput
 from encoder_service.job.units import UnitBuilder, UnitPlan
-from encoder_service.options import dtype_name
 from encoder_service.records import (
-    ChannelStats,
     Clip,
-    LatentRow,
     LedgerRow,
     RunMeta,
     ShardEnd,
@@ -36,7 +34,6 @@ from encoder_service.records import (
     from_dict,
     to_table,
 )
-from encoder_service.shards.schema import encode_tensor
 from encoder_service.shards.writer import StagingWriter
 from encoder_service.storage import StorageOptions, filesystem, scrub
 
@@ -111,77 +108,68 @@ def resolve_device(choice: str) -> str:
 
 
 class EncodeUnits:
-    """map_batches UDF for the actor pool (batch_size=1: one unit per call)."""
+    """map_batches UDF for the actor pool (batch_size=1: one unit per call). Ray runs up to
+    UNITS_IN_FLIGHT calls of one actor at once, each in its own thread: job/unit_encoder.py keeps
+    the model calls one at a time and everything else beside them."""
 
     def __init__(self, spec: EncoderSpec, registry):
         device = resolve_device(spec.device)
         if device == "cpu":
             torch.set_num_threads(max(1, round(spec.cpus)))
-        self.spec, self.registry, self.calls = spec, registry, 0
-        self.encoder = LatentEncoder.load(spec.checkpoint, spec.model_config, spec.precision, device, spec.chunk_frames)
+        self.spec, self.registry = spec, registry
+        encoder = LatentEncoder.load(spec.checkpoint, spec.model_config, spec.precision, device, spec.chunk_frames)
         fs, root = filesystem(spec.output, spec.storage)
-        self.writer = StagingWriter(fs, root, spec.run_meta)
-        self.qa = (QualityCheck(spec.checkpoint, spec.model_config, device, spec.chunk_frames)
-                   if spec.qa_fraction else None)
+        qa = QualityCheck(spec.checkpoint, spec.model_config, device, spec.chunk_frames) if spec.qa_fraction else None
+        self.units = UnitEncoder(encoder, StagingWriter(fs, root, spec.run_meta), spec.run_meta, spec.batch_size,
+                                 spec.store_logvar, qa, spec.qa_seed, spec.qa_fraction)
         self.injection = faults.Injection.from_env()
-        self.last_return = None  # end of the previous call: the gap to the next is time spent waiting
+        if self.injection:
+            self.units.before_write = lambda u: self.injection.before_write(f"{u.shard_id}/{u.index}", registry)
+        self.lock = threading.Lock()
+        self.calls, self.in_flight, self.idle_since = 0, 0, time.perf_counter()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        if self.last_return is not None:
-            metrics.inc("wfvae_encoder_wait_seconds", time.perf_counter() - self.last_return)
-        self.calls += 1
-        try:
-            return to_table([self._row(batch, i) for i in range(batch.num_rows)], StageRow)
-        finally:
-            self.last_return = time.perf_counter()
+        with self.lock:
+            self.calls += 1
+            call = self.calls
+        return to_table([self._row(batch, i, call) for i in range(batch.num_rows)], StageRow)
 
-    def _row(self, batch: pa.Table, i: int) -> StageRow:
+    def _row(self, batch: pa.Table, i: int, call: int) -> StageRow:
         kind = batch["kind"][i].as_py()
         if kind != "unit":
             return from_dict(StageRow, {**batch.slice(i, 1).to_pylist()[0]})
-        unit, frames = unit_and_frames(batch["unit"][i])
+        unit, frames = unit_and_frames(batch, i)
         key = f"{unit.shard_id}/{unit.index}"
+        self._started()
         try:
             if self.injection:
-                self.injection.before_call(self.calls, key, self.registry)
+                self.injection.before_call(call, key, self.registry)
                 frames = self.injection.frames(unit.clips, frames)
-            result = self.encode_unit(unit, frames)
+            output = self.units.encode(unit, frames)
         except Exception as exc:  # noqa: BLE001 - the clips' own problems are handled inside: a fault
+            output = None
             result = self._fault(unit, key, exc)
-        self._report(result, unit)
+        finally:
+            self._ended()
+        if output is not None:
+            result = output.result
+            self._report(output, unit)
         return StageRow("result", unit.shard_id, result=result)
 
-    def encode_unit(self, unit: Unit, frames: np.ndarray) -> UnitResult:
-        start, spec = time.perf_counter(), self.spec
-        latents, ledger, good = [], [], []  # good: (position in the unit, mean, logvar) of each latent
-        for lo in range(0, len(unit.clips), spec.batch_size):
-            clips = unit.clips[lo:lo + spec.batch_size]
-            try:
-                out = self.encoder.encode(frames[lo:lo + spec.batch_size])
-            except ClipRejected as exc:  # the clips, not the machine
-                ledger += [_ledger(clip, "rejected", str(exc)) for clip in clips]
-                continue
-            for j, clip in enumerate(clips):
-                if not bool(out.finite[j]):
-                    ledger.append(_ledger(clip, "non_finite_latent", "the encoder produced NaN/inf latents; the "
-                                          "clip was not written (check the source video and the checkpoint)"))
-                    continue
-                latents.append(latent_row(clip, out.mean[j], out.logvar[j] if spec.store_logvar else None,
-                                          spec.run_meta))
-                good.append((lo + j, out.mean[j], out.logvar[j]))
-        file = self.writer.write(unit.shard_id, unit.index, latents) if latents else None
-        encode_seconds = time.perf_counter() - start
-        return UnitResult(unit.shard_id, unit.index, len(unit.clips), file, ledger, encode_seconds,
-                          mean_stats=channel_stats([m for _, m, _ in good]),
-                          logvar_stats=channel_stats([v for _, _, v in good]), qa=self._quality(unit, frames, good))
+    def _started(self) -> None:
+        """The encoder waits (is idle) while no unit is in the actor."""
+        with self.lock:
+            if self.in_flight == 0:
+                metrics.inc("wfvae_encoder_wait_seconds", time.perf_counter() - self.idle_since)
+            self.in_flight += 1
+            metrics.set_gauge("wfvae_encoder_units_in_flight", self.in_flight)
 
-    def _quality(self, unit: Unit, frames: np.ndarray, good: list) -> list:
-        sample = [g for g in good if selected(unit.clips[g[0]].key, self.spec.qa_seed, self.spec.qa_fraction)]
-        if not self.qa or not sample:
-            return []
-        positions = [p for p, _, _ in sample]
-        return self.qa.check([unit.clips[p] for p in positions], frames[positions], [m for _, m, _ in sample],
-                             [v for _, _, v in sample])
+    def _ended(self) -> None:
+        with self.lock:
+            self.in_flight -= 1
+            if self.in_flight == 0:
+                self.idle_since = time.perf_counter()
+            metrics.set_gauge("wfvae_encoder_units_in_flight", self.in_flight)
 
     def _fault(self, unit: Unit, key: str, exc: Exception) -> UnitResult:
         import ray
@@ -189,47 +177,44 @@ class EncodeUnits:
         print(f"[encoder] unit {key}: {type(exc).__name__}: {exc} (attempt {attempts} of {faults.MAX_ATTEMPTS})",
               file=sys.stderr, flush=True)
         if attempts < faults.MAX_ATTEMPTS:
-            os._exit(1)  # Ray restarts the actor and retries the unit in a fresh process (a fresh CUDA context)
+            os._exit(1)  # Ray restarts the actor and retries its units in a fresh process (a fresh CUDA context)
         # the unit fails; should this process be broken for good (a sticky CUDA error), the next unit
         # fails once here too and is retried in a fresh process
         return UnitResult(unit.shard_id, unit.index, len(unit.clips), None, [], 0.0,
                           failure=scrub(f"unit {unit.index} failed {attempts} times: {type(exc).__name__}: {exc}"))
 
-    def _report(self, result: UnitResult, unit: Unit) -> None:
-        metrics.inc("wfvae_encoder_busy_seconds", result.encode_seconds)
-        metrics.observe("wfvae_encode_seconds", result.encode_seconds)
-        encoded = 0 if result.failure else result.clips - len(result.ledger)
+    def _report(self, output: UnitOutput, unit: Unit) -> None:
+        result, timing = output.result, output.timing
+        metrics.inc("wfvae_encoder_busy_seconds", timing.model)
+        metrics.inc("wfvae_encoder_critical_host_seconds", timing.critical)
+        metrics.inc("wfvae_encoder_finish_seconds", timing.finish)
+        metrics.observe("wfvae_encode_seconds", timing.model)
+        encoded = result.clips - len(result.ledger)
         metrics.inc("wfvae_clips_encoded", encoded)
         metrics.inc("wfvae_frames_encoded", encoded * unit.shape[0])
-        in_use, peak = metrics.device_memory(self.encoder.device)
-        metrics.set_gauge("wfvae_encoder_memory_bytes", in_use, device=str(self.encoder.device))
-        metrics.set_gauge("wfvae_encoder_memory_peak_bytes", peak, device=str(self.encoder.device))
+        device = self.units.encoder.device
+        in_use, peak = metrics.device_memory(device)
+        metrics.set_gauge("wfvae_encoder_memory_bytes", in_use, device=str(device))
+        metrics.set_gauge("wfvae_encoder_memory_peak_bytes", peak, device=str(device))
 
 
-def unit_and_frames(scalar) -> tuple[Unit, np.ndarray]:
-    """A unit row's record (without its pixels) and its frames as a zero-copy (N, T, H, W, 3) view."""
-    shape = scalar["shape"].as_py()
-    clips = [from_dict(Clip, c) for c in scalar["clips"].as_py()]
-    frames = np.frombuffer(scalar["frames"].as_buffer(), np.uint8).reshape(len(clips), *shape)
-    return Unit(scalar["shard_id"].as_py(), scalar["index"].as_py(), shape, clips, b""), frames
+def unit_and_frames(batch: pa.Table, i: int) -> tuple[Unit, np.ndarray]:
+    """Row i's unit record (without its pixels) and its frames as an (N, T, H, W, 3) view of the
+    Arrow buffer that holds them: no byte is copied (the frames are only read)."""
+    units = batch.column("unit")
+    chunk, i = _locate(units, i)
+    shape, clips_ = chunk.field("shape")[i].as_py(), chunk.field("clips")[i].as_py()
+    clips = [from_dict(Clip, c) for c in clips_]
+    column = chunk.field("frames")
+    offsets = np.frombuffer(column.buffers()[1], np.int64, count=len(column) + 1, offset=8 * column.offset)
+    n = int(offsets[i + 1] - offsets[i])
+    frames = np.frombuffer(column.buffers()[2], np.uint8, count=n, offset=int(offsets[i])).reshape(len(clips), *shape)
+    return Unit(chunk.field("shard_id")[i].as_py(), chunk.field("index")[i].as_py(), shape, clips, b""), frames
 
 
-def latent_row(clip: Clip, mean: torch.Tensor, logvar: torch.Tensor | None, run_meta: RunMeta) -> LatentRow:
-    return LatentRow(**{f.name: getattr(clip, f.name) for f in dataclasses.fields(Clip)},
-                     mean=encode_tensor(mean), logvar=encode_tensor(logvar) if logvar is not None else None,
-                     latent_shape=list(mean.shape), latent_dtype=dtype_name(mean.dtype),
-                     vae_name=run_meta.vae_name, vae_sha256=run_meta.vae_sha256, scale=list(run_meta.scale),
-                     shift=list(run_meta.shift), precision=run_meta.precision,
-                     pipeline_version=run_meta.pipeline_version)
-
-
-def channel_stats(tensors: list[torch.Tensor]) -> ChannelStats | None:
-    """Per-channel count, sum and sum of squares (float64) of (C, t, h, w) latents."""
-    if not tensors:
-        return None
-    x = torch.stack(tensors).double().transpose(0, 1).flatten(1)  # (C, N)
-    return ChannelStats([x.shape[1]] * x.shape[0], x.sum(1).tolist(), (x * x).sum(1).tolist())
-
-
-def _ledger(clip: Clip, reason: str, message: str) -> LedgerRow:
-    return LedgerRow(clip.key, clip.source_url, "encode", reason, f"{clip.key}: {message}")
+def _locate(column: pa.ChunkedArray, i: int) -> tuple[pa.StructArray, int]:
+    for chunk in column.chunks:
+        if i < len(chunk):
+            return chunk, i
+        i -= len(chunk)
+    raise IndexError(i)

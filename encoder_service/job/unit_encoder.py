@@ -1,0 +1,161 @@
+"""One unit through the encoder, with the device's time spent on model calls only.
+
+A unit (the clips of one shard and shape, one data file) goes through three steps:
+
+    prepare   its frames, a zero-copy view of the Ray object, checked and copied to the device
+              (a reused pinned buffer and a side stream on CUDA)
+    model     the encoder, holding `device`: the only step that needs the GPU, one at a time
+    finish    latents to the host (queued right after the model, into pinned memory), statistics
+              (computed on the device in float32 with the latents), rows, the Parquet file,
+              its checksum and upload, and the QA sample
+
+Several units are in an encoder actor at once (EncodeUnits runs UNITS_IN_FLIGHT calls
+concurrently): while one holds the device, the next prepares and the previous finishes, so the
+GPU waits for none of the host work. Backpressure: one unit may finish at a time (`writing`),
+and at most UNITS_IN_FLIGHT units' frames are held. A unit is returned only once its file is
+durable in staging; an exception in any step fails the unit exactly as a model fault does.
+
+The dry run and benchmarks/bench_actor.py use this class as the actor does; it knows nothing of Ray.
+"""
+import dataclasses
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from encoder_service.engine import ClipRejected, Encoded, wait
+from encoder_service.job.qa import selected
+from encoder_service.options import dtype_name
+from encoder_service.records import ChannelStats, Clip, LatentRow, LedgerRow, RunMeta, Unit, UnitResult
+from encoder_service.shards.schema import encode_tensor
+
+UNITS_IN_FLIGHT = 3  # one preparing, one on the device, one finishing (QA may hold it a while longer)
+
+
+@dataclass
+class Timing:
+    """Where one unit's time went, in seconds."""
+    model: float = 0.0        # the model calls (CUDA events on a GPU, wall time on the CPU)
+    critical: float = 0.0     # host work while holding the device, outside the model calls
+    waiting: float = 0.0      # waiting for the device (another unit's model call)
+    finish: float = 0.0       # off the device: rows, statistics, file, QA
+    first_model: float | None = None   # perf_counter() as its first model call began ...
+    last_model: float | None = None    # ... and as its last one ended
+
+
+@dataclass
+class UnitOutput:
+    result: UnitResult
+    timing: Timing = field(default_factory=Timing)
+
+
+class UnitEncoder:
+    def __init__(self, encoder, writer, run_meta: RunMeta, batch_size: int, store_logvar: bool,
+                 qa=None, qa_seed: int = 0, qa_fraction: float = 0.0):
+        self.encoder, self.writer, self.run_meta = encoder, writer, run_meta
+        self.batch_size, self.store_logvar = batch_size, store_logvar
+        self.qa, self.qa_seed, self.qa_fraction = qa, qa_seed, qa_fraction
+        self.device = threading.Lock()      # the GPU: one model call at a time
+        self.writing = threading.Semaphore(1)
+        self.before_write = None            # test fault injection: called with the unit before its file
+
+    def encode(self, unit: Unit, frames: np.ndarray) -> UnitOutput:
+        timing = Timing()
+        batches, ledger = self._model(unit, frames, timing)
+        start = time.perf_counter()
+        with self.writing:
+            result, good = self._finish(unit, batches, ledger, timing)
+        result = dataclasses.replace(result, qa=self._quality(unit, frames, good))  # off the device's path
+        timing.finish = time.perf_counter() - start
+        return UnitOutput(result, timing)
+
+    # ---- on the critical path ----------------------------------------------------------------------
+    def _model(self, unit: Unit, frames: np.ndarray, timing: Timing):
+        """Every batch of the unit through the model; (batches as (first clip, Encoded), ledger)."""
+        batches, ledger = [], []
+        for lo in range(0, len(unit.clips), self.batch_size):
+            try:
+                x = self.encoder.to_device(frames[lo:lo + self.batch_size])
+            except ClipRejected as exc:  # the clips, not the machine
+                ledger += [_ledger(c, "rejected", str(exc)) for c in unit.clips[lo:lo + self.batch_size]]
+                continue
+            asked = time.perf_counter()
+            with self.device:
+                got = time.perf_counter()
+                timing.first_model = timing.first_model or got
+                batches.append((lo, self._timed_forward(x, timing)))
+                timing.last_model = time.perf_counter()
+                timing.critical += timing.last_model - got
+            timing.waiting += got - asked
+        timing.critical = max(0.0, timing.critical - timing.model)
+        return batches, ledger
+
+    def _timed_forward(self, x: torch.Tensor, timing: Timing) -> Encoded:
+        if x.is_cuda:
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            out = self.encoder.forward(x)
+            end.record()
+            end.synchronize()  # the device is ours until the model is done: its time is what we measure
+            timing.model += begin.elapsed_time(end) / 1000
+            return out
+        start = time.perf_counter()
+        out = self.encoder.forward(x)
+        timing.model += time.perf_counter() - start
+        return out
+
+    # ---- beside it ---------------------------------------------------------------------------------
+    def _finish(self, unit: Unit, batches, ledger: list[LedgerRow], timing: Timing) -> tuple[UnitResult, list]:
+        latents, good, sums = [], [], []
+        for lo, out in batches:
+            wait(out)
+            for j in range(len(out.finite)):
+                clip = unit.clips[lo + j]
+                if not bool(out.finite[j]):
+                    ledger.append(_ledger(clip, "non_finite_latent", "the encoder produced NaN/inf latents; the "
+                                          "clip was not written (check the source video and the checkpoint)"))
+                    continue
+                latents.append(latent_row(clip, out.mean[j], out.logvar[j] if self.store_logvar else None,
+                                          self.run_meta))
+                good.append((lo + j, out.mean[j], out.logvar[j]))
+                sums.append((out.sums[j], out.mean[j][0].numel()))
+        if self.before_write is not None:
+            self.before_write(unit)
+        file = self.writer.write(unit.shard_id, unit.index, latents) if latents else None
+        mean_stats, logvar_stats = channel_stats(sums)
+        return UnitResult(unit.shard_id, unit.index, len(unit.clips), file, ledger, timing.model,
+                          mean_stats=mean_stats, logvar_stats=logvar_stats), good
+
+    def _quality(self, unit: Unit, frames: np.ndarray, good: list) -> list:
+        sample = [g for g in good if selected(unit.clips[g[0]].key, self.qa_seed, self.qa_fraction)]
+        if not self.qa or not sample:
+            return []
+        positions = [p for p, _, _ in sample]
+        return self.qa.check([unit.clips[p] for p in positions], frames[positions], [m for _, m, _ in sample],
+                             [v for _, _, v in sample])
+
+
+def channel_stats(sums: list[tuple[torch.Tensor, int]]) -> tuple[ChannelStats | None, ChannelStats | None]:
+    """Per-clip (2, 2, C) float32 sums (mean/logvar x sum/sum of squares) and element counts per
+    channel -> the unit's ChannelStats of mean and of logvar (added up in float64)."""
+    if not sums:
+        return None, None
+    total = torch.stack([s for s, _ in sums]).double().sum(0)  # (2, 2, C)
+    count = sum(n for _, n in sums)
+    channels = total.shape[-1]
+    return tuple(ChannelStats([count] * channels, total[k, 0].tolist(), total[k, 1].tolist()) for k in range(2))
+
+
+def latent_row(clip: Clip, mean: torch.Tensor, logvar: torch.Tensor | None, run_meta: RunMeta) -> LatentRow:
+    return LatentRow(**{f.name: getattr(clip, f.name) for f in dataclasses.fields(Clip)},
+                     mean=encode_tensor(mean), logvar=encode_tensor(logvar) if logvar is not None else None,
+                     latent_shape=list(mean.shape), latent_dtype=dtype_name(mean.dtype),
+                     vae_name=run_meta.vae_name, vae_sha256=run_meta.vae_sha256, scale=list(run_meta.scale),
+                     shift=list(run_meta.shift), precision=run_meta.precision,
+                     pipeline_version=run_meta.pipeline_version)
+
+
+def _ledger(clip: Clip, reason: str, message: str) -> LedgerRow:
+    return LedgerRow(clip.key, clip.source_url, "encode", reason, f"{clip.key}: {message}")
