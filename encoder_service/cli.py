@@ -2,6 +2,7 @@
 `python -m encoder_service inspect OUTPUT` (also installed as `wfvae`)."""
 import argparse
 import json
+import os
 import sys
 
 import numpy as np
@@ -54,7 +55,10 @@ def inspect_command(args) -> int:
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps(report, indent=1, sort_keys=True) if args.json else format_report(report))
+    try:
+        print(json.dumps(report, indent=1, sort_keys=True) if args.json else format_report(report), flush=True)
+    except BrokenPipeError:  # `inspect ... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 

@@ -11,21 +11,30 @@ import fsspec
 
 @dataclass(frozen=True)
 class StorageOptions:
-    """How to reach the object store. `endpoint_url` points s3:// at an S3-compatible server."""
+    """How to reach the object store. `endpoint_url` points s3:// at an S3-compatible server.
+    Every request has a connect and a read timeout and at most `attempts` tries (botocore's
+    adaptive retries, exponential backoff), so a store that hangs fails within a bound:
+    attempts x (connect + read timeout) plus the backoff."""
     endpoint_url: str | None = None
     extra: dict = field(default_factory=dict)
+    connect_timeout_s: float = 10.0
+    read_timeout_s: float = 60.0
+    attempts: int = 5
 
     def for_url(self, url: str) -> dict:
         if not url.startswith(("s3://", "s3a://")):
             return dict(self.extra)
-        opts = {"config_kwargs": {"retries": {"max_attempts": 8, "mode": "adaptive"}}, **self.extra}
+        config = {"connect_timeout": self.connect_timeout_s, "read_timeout": self.read_timeout_s,
+                  "retries": {"max_attempts": self.attempts, "mode": "adaptive"}}
+        opts = {"config_kwargs": config, **self.extra}
         if self.endpoint_url:
             opts["client_kwargs"] = {**opts.get("client_kwargs", {}), "endpoint_url": self.endpoint_url}
         return opts
 
 
 _USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s:@]+(:[^/\s@]*)?@")
-_SIGNED = re.compile(r"(?i)\b(X-Amz-(?:Credential|Signature|Security-Token)|AWSAccessKeyId|Signature)=[^&\s]+")
+_SIGNED = re.compile(r"(?i)(?<=[?&;])(X-Amz-(?:Credential|Signature|Security-Token)|X-Goog-(?:Credential|Signature)|"
+                     r"AWSAccessKeyId|Signature|sig|token|access_token|api_key|key)=[^&\s\"']+")
 
 
 def scrub(text: str) -> str:
@@ -35,7 +44,10 @@ def scrub(text: str) -> str:
 
 def filesystem(url: str, options: StorageOptions | None = None):
     """(fsspec filesystem, path inside it) for a URL or local path."""
-    return fsspec.core.url_to_fs(url, **(options or StorageOptions()).for_url(url))
+    fs, path = fsspec.core.url_to_fs(url, **(options or StorageOptions()).for_url(url))
+    if is_s3(fs):
+        fs.retries = 1  # s3fs would retry botocore's retries 5 times over: the bound is StorageOptions'
+    return fs, path
 
 
 def join(base: str, *parts: str) -> str:
@@ -69,9 +81,10 @@ def is_local(fs) -> bool:
     return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
 
 
-def retry(fn, *, attempts: int = 5, base_delay: float = 0.5):
-    """Call fn() until it succeeds, backing off exponentially on OSError (network, throttling);
-    the last failure is raised. A missing file is an answer, not a failure."""
+def retry(fn, *, attempts: int = 2, base_delay: float = 0.5):
+    """Call fn() until it succeeds, backing off exponentially on OSError; the last failure is
+    raised. A missing file is an answer, not a failure. (On S3 botocore already retries each
+    request StorageOptions.attempts times within its timeouts: this is one more try on top.)"""
     for attempt in range(attempts - 1):
         try:
             return fn()

@@ -112,6 +112,9 @@ def test_rerun_changes_nothing(clean_run, shards):
     assert summary["shards_skipped"] == 3 and summary["shards_done"] == 0
     assert files(out) == before
     assert json.load(open(out / "summary.json"))["latents"] == 21  # the folder, not this no-op invocation
+    import tempfile
+    assert "RAY_DATA_LOGGING_CONFIG" not in os.environ  # nothing of ours left in $TMPDIR
+    assert not os.path.exists(os.path.join(tempfile.gettempdir(), f"wfvae-ray-data-logging-{os.getpid()}.yaml"))
 
 
 def test_deleted_manifest_redoes_only_that_shard_identically(clean_run, shards):
@@ -308,6 +311,25 @@ def test_credentials_are_scrubbed_from_everything_written(shards, tmp_path):
     written = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
     assert written and not any(b"s3cr3t" in p.read_bytes() for p in written)
     assert b"http://***@127.0.0.1:9" in (tmp_path / "out" / "summary.json").read_bytes()
+
+
+def test_a_password_in_an_input_url_is_in_nothing_written(shards, tmp_path):
+    """An input served over HTTP with Basic credentials in its URL: read with them, written without
+    them. Every file of the folder is searched, Parquet files by their decoded values (their pages
+    are compressed, so the raw bytes alone would prove nothing)."""
+    from httpserver import serve
+    secret = "s3cretPW-9f2"
+    with serve(str(shards), "alice", secret) as base:
+        url = base.replace("http://", f"http://alice:{secret}@") + "/shard-000000.tar"
+        summary = job(url, tmp_path / "out")
+    assert summary["shards_done"] == 1 and summary["latents"] == CLIPS_PER_SHARD
+    written = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
+    for path in written:
+        assert secret.encode() not in path.read_bytes(), path
+        if path.suffix == ".parquet":
+            assert secret not in json.dumps(pq.read_table(path).to_pylist(), default=str), path
+    row = pq.read_table(tmp_path / "out" / "latents" / "part-shard-000000-00000.parquet").to_pylist()[0]
+    assert row["source_url"] == base.replace("http://", "http://***@") + "/shard-000000.tar"
 
 
 def visible_shards(out) -> set[str]:

@@ -1,15 +1,19 @@
 """Mistakes a user makes: each is one line and a non-zero exit, before Ray starts, in seconds, with
 no traceback. Option values are argparse usage errors (exit 2); paths and settings are checked by
 the job (exit 2 as well)."""
+import contextlib
 import json
 import re
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 from conftest import GOLDEN
+from services import free_port, s3_server  # noqa: F401
 
 from encoder_service.job.config import load_config
 from encoder_service.model import WFVAEConfig
@@ -73,11 +77,14 @@ def test_bad_paths_and_inputs_are_one_line_before_ray(shard, tmp_path, capsys):
          "matches no file"),
         (["--input", str(video), "--output", str(tmp_path / "o"), "--checkpoint", CKPT], "not a WebDataset shard"),
         (["--output", str(tmp_path / "o")], "are required"),
+        (["--input", str(good_shard), "--output", str(tmp_path / "o2"), "--checkpoint", CKPT, "--model-config",
+          "wfvae-s-8chn"], "does not fit this WF-VAE config"),
     ]
     for args, message in cases:  # in-process: the same main() the script runs
         code = main(args)
         lines = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(lines) == 1 and message in lines[0], (args, lines)
+    assert not (tmp_path / "o2").exists(), "a config that does not fit the weights writes nothing"
     result, seconds = run_cli(*cases[0][0])  # and as a process: exit code, time, nothing but the line
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and seconds < 10 and len(lines) == 1 and cases[0][1] in lines[0], result.stderr
@@ -106,3 +113,58 @@ def test_model_config_values_are_bounded_before_anything_is_built(tmp_path, caps
     checkpoint = str(tmp_path / "w.safetensors")
     assert main(["--input", "x.tar", "--output", str(tmp_path / "o"), "--checkpoint", checkpoint]) == 2
     assert f"{key}=" in capsys.readouterr().err
+
+
+@contextlib.contextmanager
+def silent_server():
+    """A TCP server on 127.0.0.1 that accepts connections and never answers (a hung store)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    held, stop = [], threading.Event()
+
+    def accept():
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                continue
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join()
+        for conn in held:
+            conn.close()
+        server.close()
+
+
+def test_an_output_store_that_refuses_hangs_or_has_no_credentials_is_one_line(shard, tmp_path, capsys,
+                                                                              s3_server, monkeypatch):  # noqa: F811
+    """Before Ray, within the store timeouts, exit 2 with one line naming --output; nothing written."""
+    (tmp_path / "a-file").write_text("x")
+    closed = f"http://127.0.0.1:{free_port()}"
+    fast = ["--store-connect-timeout-s", "1", "--store-read-timeout-s", "1", "--store-attempts", "1"]
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    with silent_server() as hung:
+        cases = [([*base(shard[0], "s3://bucket/out"), "--s3-endpoint-url", closed, *fast], "did not answer"),
+                 ([*base(shard[0], "s3://bucket/out"), "--s3-endpoint-url", hung, *fast], "did not answer"),
+                 ([*base(shard[0], tmp_path / "a-file" / "out")], "is a file")]
+        for args, message in cases:
+            start = time.time()
+            code = main([str(a) for a in args])
+            lines = capsys.readouterr().err.strip().splitlines()
+            assert code == 2 and len(lines) == 1 and message in lines[0] and "--output" in lines[0], (args, lines)
+            assert time.time() - start < 20, (args, time.time() - start)
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance-metadata lookup off this machine
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    code = main([*map(str, base(shard[0], "s3://bucket/out")), "--s3-endpoint-url", s3_server.endpoint, *fast])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "NoCredentialsError" in lines[0], lines

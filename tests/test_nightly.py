@@ -149,6 +149,17 @@ def test_totals_merged_per_shard_equal_totals_over_all_manifests(tmp_path):
     assert exact_p99 <= sketch_p99 <= exact_p99 * 10 ** (1 / totals.SKETCH_BINS_PER_DECADE) * 1.0001
 
 
+def test_inspect_of_a_large_folder_into_a_closed_pipe_is_quiet(tmp_path):
+    """`inspect --json | head`: the reader closes the pipe early; no traceback, exit 0 (5,000
+    shards: a report larger than the pipe's buffer)."""
+    urls = synthetic_folder.input_urls(str(tmp_path / "in"), 5000)
+    synthetic_folder.write_inputs(urls)
+    synthetic_folder.write_committed(str(tmp_path / "out"), urls, "fp", synthetic_folder.run_meta("fp"))
+    result = subprocess.run(f"{sys.executable} -m encoder_service inspect {tmp_path / 'out'} --json | head -c 100",
+                            shell=True, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and len(result.stdout) == 100 and "Traceback" not in result.stderr, result.stderr
+
+
 # ---- the lease -----------------------------------------------------------------------------------
 def test_the_lease_is_exclusive_renewed_released_and_taken_over_when_expired(tmp_path):
     fs, root = filesystem(str(tmp_path / "out"))

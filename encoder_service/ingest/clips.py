@@ -50,18 +50,19 @@ class IngestedClip:
 
 
 def ingest_shard(url: str, cfg: IngestConfig) -> Iterator[IngestedClip | LedgerRow]:
-    """Clips and ledger rows of one WebDataset shard, in shard order. Raises ShardUnavailable."""
-    shard_id, decoder = shard_id_of(url), get_decoder(cfg.decoder, cfg.threads)
+    """Clips and ledger rows of one WebDataset shard, in shard order. Raises ShardUnavailable.
+    The URL is read as given; every row and message names it without credentials (storage.scrub)."""
+    shard_id, decoder, shown = shard_id_of(url), get_decoder(cfg.decoder, cfg.threads), scrub(url)
     try:
         for item in iter_samples(url, cfg.storage, cfg.spool_dir):
             if isinstance(item, Problem):
-                yield LedgerRow(f"{shard_id}/{item.key}", url, "read", item.reason, item.message)
+                yield LedgerRow(f"{shard_id}/{item.key}", shown, "read", item.reason, scrub(item.message))
             else:
-                yield from _isolated(item, shard_id, url, cfg.sampling, decoder)
+                yield from _isolated(item, shard_id, shown, cfg.sampling, decoder)
     except ShardTruncated as exc:
         if exc.partial is not None:
-            yield LedgerRow(f"{shard_id}/{exc.partial.key}", url, "read", "truncated_member", str(exc))
-        yield LedgerRow(shard_id, url, "read", exc.reason, str(exc))
+            yield LedgerRow(f"{shard_id}/{exc.partial.key}", shown, "read", "truncated_member", scrub(str(exc)))
+        yield LedgerRow(shard_id, shown, "read", exc.reason, scrub(str(exc)))
 
 
 class _Stage:
@@ -85,7 +86,7 @@ def _isolated(sample: Sample, shard_id: str, url: str, cfg: SamplingConfig, deco
 def _sample_clips(sample: Sample, shard_id: str, url: str, cfg: SamplingConfig, decoder, stage: _Stage):
     key = f"{shard_id}/{sample.key}"
     for problem in sample.problems:
-        yield LedgerRow(f"{shard_id}/{problem.key}", url, "read", problem.reason, problem.message)
+        yield LedgerRow(f"{shard_id}/{problem.key}", url, "read", problem.reason, scrub(problem.message))
     if sample.video_path is None:
         yield LedgerRow(key, url, "read", "no_video", f"{url}:{sample.key}: no video member (one of mp4, webm, "
                         "mkv, avi, mov)")

@@ -5,13 +5,14 @@ S3, size and mtime locally) come from one listing per input folder, narrowed to 
 prefix of the names asked for there, so a million named shards cost about a thousand requests.
 """
 import posixpath
+import sys
 from collections import Counter, defaultdict
 
 from braceexpand import braceexpand
 
 from encoder_service.ingest.tar_stream import shard_id_of
 from encoder_service.records import InputIdentity
-from encoder_service.storage import StorageOptions, filesystem, glob_urls, is_local, is_s3, list_prefix
+from encoder_service.storage import StorageOptions, filesystem, glob_urls, is_local, is_s3, list_prefix, scrub
 
 SHARD_SUFFIXES = (".tar",)
 
@@ -59,7 +60,12 @@ def input_identities(urls: list[str], storage: StorageOptions | None) -> dict[st
         if not (is_local(fs) or is_s3(fs)):
             continue
         names = [posixpath.basename(u) for u in members]
-        listing = {e.name: e for e in list_prefix(fs, posixpath.dirname(path), posixpath.commonprefix(names))}
+        try:
+            listing = {e.name: e for e in list_prefix(fs, posixpath.dirname(path), posixpath.commonprefix(names))}
+        except Exception as exc:  # noqa: BLE001 - the inputs' store failing: their shards fail when read
+            print(scrub(f"[plan] cannot list {posixpath.dirname(members[0])} ({type(exc).__name__}: {exc}): its "
+                        f"{len(members)} inputs are planned without their identities"), file=sys.stderr, flush=True)
+            continue
         for url, name in zip(members, names):
             if name in listing:
                 found[url] = InputIdentity(listing[name].size, listing[name].tag)

@@ -11,6 +11,7 @@ import yaml
 
 from encoder_service import options
 from encoder_service.ingest.sampling import SamplingConfig
+from encoder_service.storage import StorageOptions
 
 PIPELINE_VERSION = "0.2.0"
 
@@ -85,6 +86,12 @@ class JobConfig:
     encoder_labels: list[tuple[str, str]] = option(list, "Ray node labels encoder actors must run on, key=value",
                                                    options.label, many=True)
     s3_endpoint_url: str | None = option(None, "S3-compatible endpoint for s3:// URLs", str)
+    store_connect_timeout_s: float = option(10.0, "seconds to connect to the object store, per request",
+                                            _number(float, 0.1, 3600, "connect timeout"))
+    store_read_timeout_s: float = option(60.0, "seconds to wait for an answer of the object store, per request",
+                                         _number(float, 0.1, 3600, "read timeout"))
+    store_attempts: int = option(5, "tries per object store request (with backoff) before it counts as failed",
+                                 _number(int, 1, 100, "store attempts"))
     overwrite: bool = option(False, "redo every shard, and let the folder take these settings")
     max_shards: int | None = option(None, "process at most this many (pending) shards",
                                     _number(int, 1, 2 ** 31, "max shards"))
@@ -114,6 +121,10 @@ class JobConfig:
         return SamplingConfig(num_frames=self.num_frames, fps=self.fps, stride=self.stride,
                               clips=self.clips_per_video, seed=self.seed, min_duration=self.min_duration,
                               size=self.size, buckets=tuple(self.buckets), max_pixels=self.max_pixels)
+
+    def storage(self) -> StorageOptions:
+        return StorageOptions(endpoint_url=self.s3_endpoint_url, connect_timeout_s=self.store_connect_timeout_s,
+                              read_timeout_s=self.store_read_timeout_s, attempts=self.store_attempts)
 
     def actors(self) -> int:
         return self.encoder_actors or max(1, self.num_gpus)

@@ -13,11 +13,10 @@ from encoder_service.ingest.inputs import expand_inputs
 from encoder_service.job.config import JobConfig
 from encoder_service.job.plan import JobError, model_identity
 from encoder_service.job.units import UnitBuilder, UnitPlan
-from encoder_service.storage import StorageOptions
 
 
 def dry_run(cfg: JobConfig) -> dict:
-    storage = StorageOptions(endpoint_url=cfg.s3_endpoint_url)
+    storage = cfg.storage()
     urls = expand_inputs(cfg.input, storage)
     model, _, _ = model_identity(cfg)
     ingest = IngestConfig(cfg.sampling(), cfg.decoder, storage, threads=max(1, round(cfg.ingest_cpus)))

@@ -11,6 +11,7 @@ other settings, or its input changed since it was committed (size and ETag or mt
 --verify-existing.
 """
 import json
+import os
 import posixpath
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +22,7 @@ from encoder_service.ingest.inputs import expand_inputs, input_identities
 from encoder_service.ingest.tar_stream import shard_id_of
 from encoder_service.job.config import PIPELINE_VERSION, JobConfig, fingerprint
 from encoder_service.model.checkpoint import CheckpointError, sha256_file
-from encoder_service.model.wfvae import resolve_checkpoint
+from encoder_service.model.wfvae import check_weights_fit, resolve_checkpoint
 from encoder_service.options import precision
 from encoder_service.records import FolderTotals, InputIdentity, RunMeta
 from encoder_service.shards import index as folder_index
@@ -29,7 +30,7 @@ from encoder_service.shards import layout, totals
 from encoder_service.shards.lease import Lease, LeaseError
 from encoder_service.shards.manifest import ManifestUnreadable, check_files, read_manifest
 from encoder_service.shards.writer import put_small
-from encoder_service.storage import StorageOptions, filesystem, is_local, join, list_prefix, sha256_of
+from encoder_service.storage import StorageOptions, filesystem, is_local, join, list_prefix, scrub, sha256_of
 
 _THREADS = 16  # concurrent requests where a request per shard is asked for (--verify-existing, sha256)
 
@@ -83,18 +84,45 @@ def content_hashes(urls: list[str], storage: StorageOptions | None) -> dict[str,
 
 # ---- the output folder --------------------------------------------------------------------------
 def check_output(output: str, storage: StorageOptions | None) -> tuple[object, str]:
-    fs, root = filesystem(output, storage)
-    if is_local(fs) and Path(root).exists() and not Path(root).is_dir():
+    """The output folder can be written: a local path whose nearest existing folder is writable,
+    or a store that answers a listing (within the store timeouts). Nothing is written here."""
+    try:
+        fs, root = filesystem(output, storage)
+    except Exception as exc:  # noqa: BLE001 - an unknown protocol, a missing driver: the option's mistake
+        raise JobError(f"--output {output}: {type(exc).__name__}: {exc}") from None
+    root = root.rstrip("/")
+    if is_local(fs):
+        _check_local_output(output, Path(root))
+        return fs, root
+    try:
+        next(iter(list_prefix(fs, root, "_")), None)  # one request
+    except Exception as exc:  # noqa: BLE001 - unreachable, no credentials, no permission, timeouts
+        raise JobError(scrub(f"--output {output}: the store did not answer a listing ({type(exc).__name__}: "
+                             f"{exc}); check --s3-endpoint-url, the credentials and the network")) from None
+    return fs, root
+
+
+def _check_local_output(output: str, root: Path) -> None:
+    if root.exists() and not root.is_dir():
         raise JobError(f"--output {output} is a file, not a folder")
-    return fs, root.rstrip("/")
+    existing = next(p for p in (root, *root.parents) if p.exists())
+    if not existing.is_dir():
+        raise JobError(f"--output {output} cannot be created: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise JobError(f"--output {output} cannot be {'written' if existing == root else 'created'}: "
+                       f"{existing} is not writable by this user")
 
 
 def model_identity(cfg: JobConfig):
-    """(WFVAEConfig, checkpoint sha256, run metadata): which VAE, which weights, which policy."""
+    """(WFVAEConfig, checkpoint sha256, run metadata): which VAE, which weights, which policy. The
+    weights are loaded into the config's model here (on the meta device: no memory for a second
+    copy), so a config that does not fit them is one line before Ray starts, never an actor failure."""
     try:
         weights, model = resolve_checkpoint(Path(cfg.checkpoint), cfg.model_config)
+        check_weights_fit(weights, model)
     except (CheckpointError, ValueError, OSError) as exc:
-        raise JobError(f"--checkpoint: {exc}") from None
+        hint = " (pass the --model-config the weights were trained with)" if cfg.model_config else ""
+        raise JobError(f"--checkpoint: {exc}{hint}") from None
     digest = sha256_file(weights)
     meta = RunMeta(vae_name=model.name if model.name != "custom" else Path(cfg.checkpoint).name, vae_sha256=digest,
                    precision=precision(cfg.precision).label, pipeline_version=PIPELINE_VERSION,
@@ -213,7 +241,7 @@ def prepare(cfg: JobConfig) -> Plan:
     released again). Nothing here needs Ray."""
     if not cfg.input or not cfg.output or not cfg.checkpoint:
         raise JobError("--input, --output and --checkpoint are required (or --demo)")
-    storage = StorageOptions(endpoint_url=cfg.s3_endpoint_url)
+    storage = cfg.storage()
     urls = expand_inputs(cfg.input, storage)
     fs, root = check_output(cfg.output, storage)
     model, digest, run_meta = model_identity(cfg)

@@ -30,7 +30,7 @@ from encoder_service.job.unit_encoder import UNITS_IN_FLIGHT
 from encoder_service.job.units import MAX_UNIT_FRAME_BYTES, UnitPlan
 from encoder_service.model.wfvae import resolve_checkpoint
 from encoder_service.records import StageRow, from_table
-from encoder_service.storage import StorageOptions, scrub
+from encoder_service.storage import scrub
 
 
 class JobFailed(Exception):
@@ -42,7 +42,7 @@ def build_dataset(cfg: JobConfig, plan: Plan, registry):
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # our own progress (job/progress.py) counts clips, not blocks
     ctx.target_max_block_size = MAX_UNIT_FRAME_BYTES + (64 << 20)  # a unit is one row: never split, rarely merged
-    storage = StorageOptions(endpoint_url=cfg.s3_endpoint_url)
+    storage = cfg.storage()
     ingest = IngestConfig(cfg.sampling(), cfg.decoder, storage, threads=max(1, round(cfg.ingest_cpus)))
     ds = ray.data.from_items([{"url": u, "shard_id": s} for u, s in plan.todo],
                              override_num_blocks=max(1, len(plan.todo)))
@@ -77,32 +77,35 @@ def run_job(cfg: JobConfig) -> dict:
     """Plan (JobError before Ray), run, write the folder summary; the outcome is counted in
     `wfvae_job_runs_total`, then the driver lingers so Ray's metrics agent exports the last values."""
     plan = prepare(cfg)
-    outcome = "failed"
+    outcome, logging_config = "failed", None
     try:
         print(plan.line(), flush=True)
         if not ray.is_initialized():
             ray.init(address=cfg.ray_address, ignore_reinit_error=True, log_to_driver=True, logging_level="ERROR")
-        _quiet_ray_data_console()
+        logging_config = _quiet_ray_data_console()
         record = _run(cfg, plan)
         outcome = "failed" if record["shards_failed"] else "succeeded"
         return record
     finally:
         plan.lease.release()
+        if logging_config is not None:  # nothing of ours stays in $TMPDIR
+            os.environ.pop("RAY_DATA_LOGGING_CONFIG", None)
+            logging_config.unlink(missing_ok=True)
         metrics.inc("wfvae_job_runs", outcome=outcome)
         time.sleep(cfg.metrics_linger_s)
 
 
-def _quiet_ray_data_console() -> None:
+def _quiet_ray_data_console() -> Path | None:
     """Ray Data's INFO/WARNING lines off the console (they stay in its log files under /tmp/ray):
     our progress lines say what a user watches for. Ray Data re-reads its logging config (its
     documented RAY_DATA_LOGGING_CONFIG) whenever a dataset runs; this is its default with the
     console handler at ERROR. A user's own config wins."""
     if "RAY_DATA_LOGGING_CONFIG" in os.environ:
-        return
+        return None
     try:
         from ray.data._internal.logging import DEFAULT_CONFIG
     except ImportError:
-        return
+        return None
     config = copy.deepcopy(DEFAULT_CONFIG)
     config.get("handlers", {}).get("console", {})["level"] = "ERROR"
     path = Path(tempfile.gettempdir()) / f"wfvae-ray-data-logging-{os.getpid()}.yaml"
@@ -110,6 +113,7 @@ def _quiet_ray_data_console() -> None:
     os.environ["RAY_DATA_LOGGING_CONFIG"] = str(path)
     from ray.data._internal.logging import configure_logging
     configure_logging()
+    return path
 
 
 def _run(cfg: JobConfig, plan: Plan) -> dict:

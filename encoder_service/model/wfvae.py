@@ -180,6 +180,14 @@ def check_latent(z: torch.Tensor, latent_dim: int, dtype: torch.dtype) -> torch.
     return z.to(dtype)
 
 
+def check_weights_fit(weights: Path, config: WFVAEConfig) -> None:
+    """CheckpointError naming the missing, unexpected or mis-shaped keys if the weights do not
+    load strictly into a model of this config (built on the meta device, nothing allocated)."""
+    with torch.device("meta"):
+        model = WFVAE(config)
+    load_weights(model, read_state_dict(weights, True), source=str(weights))
+
+
 def resolve_checkpoint(path: Path, config) -> tuple[Path, WFVAEConfig]:
     """Find the weights file and the config for a from_pretrained() path."""
     if path.is_dir():
