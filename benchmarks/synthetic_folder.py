@@ -50,9 +50,7 @@ def write_committed(output: str, urls: list[str], settings: str, run: RunMeta, s
     if indexed:
         listed = {e.name[:-len(".json")]: e for e in list_prefix(fs, join(root, layout.MANIFESTS))}
         rows = [totals.shard_record(m, listed[sid].size, listed[sid].tag) for sid, m in made.values()]
-        seq = max([s for s in (layout.segment_seq(e.name) for e in list_prefix(fs, join(root, layout.INDEX)))
-                   if s is not None], default=0) + 1
-        index.write_segment(fs, root, seq, rows)
+        index.write_segment(fs, root, max(index.segments(fs, root), default=0) + 1, rows)
 
 
 def _put_many(fs, files: dict[str, bytes]) -> None:

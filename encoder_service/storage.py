@@ -102,7 +102,6 @@ class Listed:
     name: str
     size: int
     tag: str           # the store's version of the object: ETag on S3, mtime in ns on local disk
-    mtime: float       # seconds since the epoch, by the store's clock (S3: whole seconds)
 
 
 LIST_PAGE = 1000  # S3's page size: one request per 1,000 keys
@@ -129,9 +128,8 @@ def list_prefix(fs, folder: str, name_prefix: str = "") -> Iterator[Listed]:
         for e in entries:
             name = e["name"].rstrip("/").rsplit("/", 1)[-1]
             if e.get("type") == "file" and name.startswith(name_prefix):
-                stamp = e.get("mtime") or e.get("LastModified") or e.get("created") or 0
-                stamp = stamp.timestamp() if hasattr(stamp, "timestamp") else float(stamp)
-                yield Listed(name, int(e.get("size") or 0), str(e.get("ETag") or e.get("etag") or stamp), stamp)
+                stamp = e.get("ETag") or e.get("etag") or e.get("mtime") or e.get("LastModified") or e.get("created")
+                yield Listed(name, int(e.get("size") or 0), str(stamp))
 
 
 def _list_local(folder: str, name_prefix: str) -> Iterator[Listed]:
@@ -143,7 +141,7 @@ def _list_local(folder: str, name_prefix: str) -> Iterator[Listed]:
         for entry in scan:
             if entry.name.startswith(name_prefix) and entry.is_file(follow_symlinks=True):
                 st = entry.stat()
-                yield Listed(entry.name, st.st_size, str(st.st_mtime_ns), st.st_mtime_ns / 1e9)
+                yield Listed(entry.name, st.st_size, str(st.st_mtime_ns))
 
 
 def _list_s3(fs, folder: str, name_prefix: str) -> Iterator[Listed]:
@@ -153,8 +151,7 @@ def _list_s3(fs, folder: str, name_prefix: str) -> Iterator[Listed]:
     while True:
         page = retry(lambda: fs.call_s3("list_objects_v2", **kwargs))
         for obj in page.get("Contents", []):
-            yield Listed(obj["Key"][len(base):], int(obj["Size"]), obj["ETag"].strip('"'),
-                         obj["LastModified"].timestamp())
+            yield Listed(obj["Key"][len(base):], int(obj["Size"]), obj["ETag"].strip('"'))
         if not page.get("IsTruncated"):
             return
         kwargs["ContinuationToken"] = page["NextContinuationToken"]

@@ -53,15 +53,17 @@ def job(shards, out):
         "--encoder-labels", "wfvae-role=encoder", "--progress-every-s", "1000", "--metrics-linger-s", "0"]))
 
 
-def remove_when_first_shard_commits(cluster: Cluster, node, out, removed: dict) -> threading.Thread:
-    """Kill `node` as soon as the first shard is committed; records how many were committed then."""
+def remove_when_first_unit_is_staged(cluster: Cluster, node, out, removed: dict) -> threading.Thread:
+    """Kill `node` as soon as the first unit's data file is staged (encoding has begun; commits are
+    concurrent and quick, so waiting for the first commit can be waiting for the last); records how
+    many shards were committed then."""
     def watch():
-        manifests = out / "_manifests"
+        staging, manifests = out / "_staging", out / "_manifests"
         deadline = time.time() + 300
-        while time.time() < deadline and not (manifests.exists() and any(manifests.iterdir())):
-            time.sleep(0.05)
+        while time.time() < deadline and not any(staging.glob("*/*.parquet")):
+            time.sleep(0.02)
         cluster.remove_node(node, allow_graceful=False)
-        removed["committed_then"] = len(list(manifests.iterdir()))
+        removed["committed_then"] = len(list(manifests.iterdir())) if manifests.exists() else 0
     thread = threading.Thread(target=watch, daemon=True)
     thread.start()
     return thread
@@ -73,10 +75,10 @@ def test_a_node_lost_mid_run_changes_nothing(cluster, shards, tmp_path):
     assert clean["shards_done"] == SHARDS and clean["shards_failed"] == 0
 
     removed = {}
-    watcher = remove_when_first_shard_commits(c, ingest_b, tmp_path / "lost", removed)
+    watcher = remove_when_first_unit_is_staged(c, ingest_b, tmp_path / "lost", removed)
     lost = job(shards, tmp_path / "lost")
     watcher.join()
-    assert 1 <= removed["committed_then"] < SHARDS, "the node was lost in the middle of the run"
+    assert removed["committed_then"] < SHARDS, "the node was lost in the middle of the run"
     assert lost["shards_done"] == SHARDS and lost["latents"] == clean["latents"]
     assert files(tmp_path / "lost") == files(tmp_path / "clean")
     keys = pyarrow.dataset.dataset(str(tmp_path / "lost" / "latents")).to_table().column("key").to_pylist()

@@ -253,6 +253,20 @@ def _files(out) -> dict[str, bytes]:
 
 
 @pytest.mark.slow
+def test_without_num_gpus_a_cluster_without_gpus_encodes_on_the_cpu_and_says_so(night, tmp_path):
+    """A local Ray of its own (this machine has no GPU), no --num-gpus: one line, CPU encoders, done."""
+    at = JOB_ARGS.index("--num-gpus")
+    args = JOB_ARGS[:at] + JOB_ARGS[at + 2:]
+    result = subprocess.run([sys.executable, "pipelines/encode_dataset.py", "--input", f"{night}/shard-000000.tar",
+                             "--output", str(tmp_path / "out"), *args, "--ray-address", "local"], cwd=ROOT,
+                            env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "the cluster has no GPU: encoding on the CPU" in result.stdout
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["last_run"]["config"]["num_gpus"] == 0
+
+
+@pytest.mark.slow
 @pytest.mark.usefixtures("local_ray")
 def test_two_runs_started_at_once_one_encodes_the_other_exits_2(night, tmp_path):
     inputs = f"{night}/shard-{{000000..000002}}.tar"

@@ -69,8 +69,9 @@ class JobConfig:
     file_mb: float = option(32.0, "MiB of latents per data file; a file is what one encoder call writes, so "
                             "its clips' frames (about 11x that in bf16) travel as one block",
                             _number(float, 0.001, 4096, "file MiB"))
-    num_gpus: int = option(1, "GPUs for encoding, one encoder actor each; 0 encodes on CPU actors",
-                           _number(int, 0, 4096, "num gpus"))
+    num_gpus: int | None = option(None, "GPUs for encoding, one encoder actor each; 0 encodes on CPU actors; "
+                                  "by default every GPU the cluster has, or the CPU on a cluster without one",
+                                  _number(int, 0, 4096, "num gpus"))
     device: str = option("auto", "auto: CUDA when the actor holds a GPU, cpu: encode on the CPU whatever the "
                          "actor holds (tests, debugging), cuda: require CUDA",
                          options.choice(options.DEVICES, "device"))
@@ -127,7 +128,7 @@ class JobConfig:
                               read_timeout_s=self.store_read_timeout_s, attempts=self.store_attempts)
 
     def actors(self) -> int:
-        return self.encoder_actors or max(1, self.num_gpus)
+        return self.encoder_actors or max(1, self.num_gpus or 0)
 
     def latent_settings(self, checkpoint_sha256: str, model: dict) -> dict:
         """Everything that changes the latents (not where they go or how fast)."""

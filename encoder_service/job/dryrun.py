@@ -6,6 +6,7 @@ are then encoded in units and batches as the encoder actors would."""
 import time
 
 import numpy as np
+import torch
 
 from encoder_service.engine import LatentEncoder
 from encoder_service.ingest.clips import IngestConfig, IngestedClip, ingest_shard
@@ -42,7 +43,7 @@ def dry_run(cfg: JobConfig) -> dict:
 
 def _encode(cfg: JobConfig, clips: list[IngestedClip]) -> float:
     encoder = LatentEncoder.load(cfg.checkpoint, cfg.model_config, cfg.precision,
-                                 "cuda" if cfg.num_gpus > 0 and cfg.device != "cpu" else "cpu", cfg.chunk_frames)
+                                 "cuda" if _on_gpu(cfg) else "cpu", cfg.chunk_frames)
     builder = UnitBuilder("dry-run", UnitPlan.for_job(cfg, encoder.config.latent_dim))
     units = [row.unit for item in clips for row in builder.add(item.clip, item.frames)] + \
             [row.unit for row in builder.flush()]
@@ -56,13 +57,19 @@ def _encode(cfg: JobConfig, clips: list[IngestedClip]) -> float:
     return time.perf_counter() - start
 
 
+def _on_gpu(cfg: JobConfig) -> bool:
+    """Whether the dry run encodes on the GPU: --num-gpus > 0 (or not given and CUDA here), not --device cpu."""
+    gpus = cfg.num_gpus if cfg.num_gpus is not None else int(torch.cuda.is_available())
+    return gpus > 0 and cfg.device != "cpu"
+
+
 def report(cfg, urls, clips, decode_s, encode_s, whole_shards, model) -> dict:
     n = len(clips)
     frames = sum(len(c.clip.frame_indices) for c in clips)
     cpus = max(1, round(cfg.ingest_cpus))
     per_cpu = frames / decode_s / cpus
     cpus_per_device = (decode_s / n) * cpus / (encode_s / n)
-    device = "GPU" if cfg.num_gpus > 0 and cfg.device != "cpu" else "CPU encoder"
+    device = "GPU" if _on_gpu(cfg) else "CPU encoder"
     out = {"clips": n, "decode_frames_per_s_per_cpu": per_cpu, "decode_clips_per_s_per_cpu": n / decode_s / cpus,
            "encode_clips_per_s_per_device": n / encode_s, "cpus_per_encoder_device": cpus_per_device,
            "input_shards": len(urls)}

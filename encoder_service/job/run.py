@@ -83,7 +83,7 @@ def run_job(cfg: JobConfig) -> dict:
         if not ray.is_initialized():
             ray.init(address=cfg.ray_address, ignore_reinit_error=True, log_to_driver=True, logging_level="ERROR")
         logging_config = _quiet_ray_data_console()
-        record = _run(cfg, plan)
+        record = _run(resolve_gpus(cfg), plan)
         outcome = "failed" if record["shards_failed"] else "succeeded"
         return record
     finally:
@@ -93,6 +93,21 @@ def run_job(cfg: JobConfig) -> dict:
             logging_config.unlink(missing_ok=True)
         metrics.inc("wfvae_job_runs", outcome=outcome)
         time.sleep(cfg.metrics_linger_s)
+
+
+def resolve_gpus(cfg: JobConfig) -> JobConfig:
+    """--num-gpus as given, or (not given) every GPU the cluster has now: none means CPU encoding,
+    said in one line. An explicit number the cluster lacks waits for an autoscaler, also said."""
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    if cfg.num_gpus is None:
+        print(f"[plan] encoding on the cluster's {gpus} GPU(s)" if gpus else "[plan] the cluster has no GPU: "
+              "encoding on the CPU (pass --num-gpus N to wait for GPU nodes an autoscaler adds)", flush=True)
+        return dataclasses.replace(cfg, num_gpus=gpus)
+    if cfg.num_gpus > gpus:
+        print(f"[plan] --num-gpus {cfg.num_gpus}, the cluster has {gpus} GPU(s) now: encoder actors wait for the "
+              "rest (an autoscaler adds GPU nodes; without one pass --num-gpus 0, or leave it out)",
+              file=sys.stderr, flush=True)
+    return cfg
 
 
 def _quiet_ray_data_console() -> Path | None:
@@ -121,9 +136,6 @@ def _run(cfg: JobConfig, plan: Plan) -> dict:
     driver = Driver(plan, progress.update, cfg.commit_threads)
     metrics.inc("wfvae_shards", plan.skipped, status="skipped")
     metrics.set_gauge("wfvae_job_shards_planned", len(plan.todo))
-    if plan.todo and cfg.num_gpus > 0 and ray.cluster_resources().get("GPU", 0) < 1:
-        print("[plan] the cluster has no GPU yet: the encoder actors wait for one (an autoscaler adds GPU nodes; "
-              "without one pass --num-gpus 0)", file=sys.stderr, flush=True)
     try:
         if plan.todo:
             _consume(build_dataset(cfg, plan, faults.make_registry()), driver)

@@ -55,7 +55,6 @@ class FolderIndex:
     segments: list[int] = field(default_factory=list)            # segment numbers, oldest first
     unindexed: list[ShardRecord] = field(default_factory=list)   # committed, read from their manifests
     unreadable: list[str] = field(default_factory=list)          # _manifests/ files that are no manifest
-    manifests_listed: int = 0
 
     @property
     def next_seq(self) -> int:
@@ -67,9 +66,7 @@ def scan(fs, root: str, threads: int = 16) -> FolderIndex:
     a manifest no segment row matches."""
     listed = {e.name[:-len(".json")]: (e.size, e.tag) for e in list_prefix(fs, join(root, layout.MANIFESTS))
               if e.name.endswith(".json")}
-    index = FolderIndex(manifests_listed=len(listed))
-    index.segments = sorted(s for s in (layout.segment_seq(e.name) for e in list_prefix(fs, join(root, layout.INDEX),
-                                                                                        "seg-")) if s is not None)
+    index = FolderIndex(segments=segments(fs, root))
     settings_seen: dict[str, str] = {}  # one string object per fingerprint
     for seq in index.segments:
         table = _read_segment(fs, root, seq, _PLAN_COLUMNS)
@@ -88,6 +85,12 @@ def scan(fs, root: str, threads: int = 16) -> FolderIndex:
             index.unindexed.append(record)
             index.shards[sid] = Indexed(-1, record.settings, record.input)
     return index
+
+
+def segments(fs, root: str) -> list[int]:
+    """The folder's index segments, by number, oldest first (one listing)."""
+    found = (layout.segment_seq(e.name) for e in list_prefix(fs, join(root, layout.INDEX), "seg-"))
+    return sorted(s for s in found if s is not None)
 
 
 def _read_records(fs, root: str, shard_ids: list[str], listed: dict, threads: int) -> list[ShardRecord | None]:
