@@ -168,3 +168,18 @@ def test_an_output_store_that_refuses_hangs_or_has_no_credentials_is_one_line(sh
     code = main([*map(str, base(shard[0], "s3://bucket/out")), "--s3-endpoint-url", s3_server.endpoint, *fast])
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and "NoCredentialsError" in lines[0], lines
+
+
+def test_an_error_raised_inside_ray_is_its_own_line():
+    """What Ray wraps (a traceback text, module-qualified class names, its own errors around it) comes
+    out as the user's exception in one line, credentials scrubbed."""
+    from encoder_service.job.run import _root_cause
+    inner = RuntimeError("Traceback (most recent call last):\n  File \"x.py\", line 1\n"
+                         "encoder_service.model.checkpoint.CheckpointError: w.safetensors does not fit this WF-VAE "
+                         "config: 20 missing keys: a, b (s3://AKIA:secret@host)")
+    try:
+        raise Exception("RayTaskError(RuntimeError): wrapped") from inner
+    except Exception as exc:  # noqa: BLE001
+        line = _root_cause(exc)
+    assert line.startswith("CheckpointError: w.safetensors does not fit") and "secret" not in line
+    assert "\n" not in line

@@ -183,13 +183,15 @@ def _root_cause(exc: BaseException) -> str:
     found, seen = None, set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        lines = [m.group(0) for m in _ERROR_LINE.finditer(str(exc)) if not m.group(1).startswith(("Ray", "System"))]
+        lines = [f"{m.group(2)}: {m.group(3)}" for m in _ERROR_LINE.finditer(str(exc))
+                 if not m.group(2).startswith(("Ray", "System"))]
         found = lines[-1] if lines else found
         exc = exc.__cause__ or getattr(exc, "cause", None) or exc.__context__
     return scrub(found or "the Ray Data execution failed (see the Ray logs)")
 
 
-_ERROR_LINE = re.compile(r"(?m)^\s*(\w+(?:Error|Exception)): \S.*$")
+# "CheckpointError: ..." or, as Ray prints exceptions of user code, "encoder_service.x.CheckpointError: ..."
+_ERROR_LINE = re.compile(r"(?m)^\s*((?:\w+\.)*)(\w+(?:Error|Exception)): (\S.*)$")
 
 
 def _run_record(cfg: JobConfig, plan: Plan, t: Totals, failed: dict, progress: Progress) -> dict:
