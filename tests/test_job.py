@@ -351,7 +351,7 @@ def test_a_killed_driver_leaves_nothing_wrong_and_a_rerun_completes_identically(
     out = tmp_path / "out"
     args = ["--input", f"{shards}/shard-{{000000..000002}}.tar", "--output", str(out), "--checkpoint", CKPT,
             "--num-frames", "9", "--size", "32x32", "--clips-per-video", "all", "--num-gpus", "0", "--precision",
-            "fp32", "--batch-size", "2", "--metrics-linger-s", "0", "--lease-ttl-s", "2",
+            "fp32", "--batch-size", "2", "--metrics-linger-s", "0", "--lease-ttl-s", "4",
             "--ray-address", ray.get_runtime_context().gcs_address]  # a second driver on the tests' Ray
     proc = subprocess.Popen([sys.executable, "pipelines/encode_dataset.py", *args], cwd=ROOT, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -374,7 +374,7 @@ def test_a_killed_driver_leaves_nothing_wrong_and_a_rerun_completes_identically(
     assert visible_shards(out) == committed
     from encoder_service.shards.lease import Lease, LeaseError
     deadline = time.time() + 60
-    while True:  # the killed driver's lease expires 2 s after its last renewal
+    while True:  # the killed driver's lease expires 4 s after its last renewal
         try:
             Lease.acquire(*filesystem(str(out))).release()
             break
