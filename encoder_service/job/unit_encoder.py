@@ -15,7 +15,7 @@ GPU waits for none of the host work. Backpressure: one unit may finish at a time
 and at most UNITS_IN_FLIGHT units' frames are held. A unit is returned only once its file is
 durable in staging; an exception in any step fails the unit exactly as a model fault does.
 
-The dry run and benchmarks/bench_actor.py use this class as the actor does; it knows nothing of Ray.
+benchmarks/bench_actor.py uses this class as the actor does; it knows nothing of Ray.
 """
 import dataclasses
 import threading
