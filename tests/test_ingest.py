@@ -158,12 +158,12 @@ def test_display_rotation_is_applied(tmp_path, decoder):
     portrait, landscape = clips
     assert portrait.clip.bucket == "9x64x48" and portrait.clip.src_hw == [64, 48] and portrait.clip.rotation == 90
     assert landscape.clip.bucket == "9x48x64"
-    # upright: equal to the landscape clip turned, to within 8 levels. libswscale's conversion of the
-    # two streams (other widths, other buffers) may take SIMD paths that round differently: exact
-    # when this test runs alone, up to 5 levels apart after other tests; a wrong orientation
-    # differs by ~100.
-    turned = np.rot90(landscape.frames, 1, axes=(1, 2)).astype(int)
-    assert np.abs(portrait.frames.astype(int) - turned).max() <= 8
+    # upright: the landscape clip turned, to within a few levels. Exact when this test runs alone;
+    # after other tests (torch) in the same process the portrait stream's pixels have come out a
+    # level or two apart over much of the frame and up to 9 at places (not understood yet: a
+    # determinism issue of the PyAV path, noted on the issue). A wrong orientation differs by ~100.
+    diff = np.abs(portrait.frames.astype(int) - np.rot90(landscape.frames, 1, axes=(1, 2)).astype(int))
+    assert diff.mean() < 3 and np.quantile(diff, 0.99) <= 12, (diff.mean(), diff.max())
 
 
 @pytest.mark.parametrize("decoder", DECODERS)
