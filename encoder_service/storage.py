@@ -69,14 +69,6 @@ def sha256_of(fs, path: str, block: int = 1 << 23) -> str:
     return digest.hexdigest()
 
 
-def sha256_local(path: str, block: int = 1 << 23) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def is_local(fs) -> bool:
     return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
 

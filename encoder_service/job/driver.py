@@ -99,12 +99,13 @@ class Driver:
             return
         while len(self.inflight) >= self.max_inflight:
             self._reap(block=True)
-        self.inflight[sid] = self.pool.submit(self._commit, self._manifest(sid, state), state)
+        ledger = list(state.end.ledger) + [row for i in sorted(state.results) for row in state.results[i].ledger]
+        self.inflight[sid] = self.pool.submit(self._commit, self._manifest(sid, state, ledger), state, ledger)
 
-    def _manifest(self, sid: str, state: ShardState) -> Manifest:
+    def _manifest(self, sid: str, state: ShardState, ledger: list) -> Manifest:
         """Everything of the shard's manifest but its files (the commit adds them)."""
         results = [state.results[i] for i in sorted(state.results)]
-        reasons = Counter(f"{row.stage}/{row.reason}" for row in self._ledger(state))
+        reasons = Counter(f"{row.stage}/{row.reason}" for row in ledger)
         stats = functools.reduce(totals.add_shard_stats, (ShardStats(r.mean_stats, r.logvar_stats) for r in results),
                                  ShardStats())
         pending = self.plan.pending[sid]
@@ -113,15 +114,11 @@ class Driver:
                         dict(sorted(reasons.items())), reasons.get("encode/non_finite_latent", 0), stats,
                         sorted((q for r in results for q in r.qa), key=lambda q: q.key), [], DataFile("", 0, 0, ""))
 
-    @staticmethod
-    def _ledger(state: ShardState) -> list:
-        return list(state.end.ledger) + [row for i in sorted(state.results) for row in state.results[i].ledger]
-
-    def _commit(self, manifest: Manifest, state: ShardState) -> tuple[Committed, float]:
+    def _commit(self, manifest: Manifest, state: ShardState, ledger: list) -> tuple[Committed, float]:
         """In a commit thread: store requests only; the bookkeeping happens in _reap."""
         start = time.perf_counter()
         staged = {i: r.file for i, r in state.results.items() if r.file is not None}
-        committed = commit_shard(self.plan.fs, self.plan.root, manifest, staged, self._ledger(state),
+        committed = commit_shard(self.plan.fs, self.plan.root, manifest, staged, ledger,
                                  replaces=self.plan.pending[manifest.shard_id].replaces, guard=self._guard)
         return committed, time.perf_counter() - start
 

@@ -24,6 +24,7 @@ import os
 import tempfile
 import uuid
 
+import fsspec
 import pyarrow.parquet as pq
 
 from encoder_service import records
@@ -31,8 +32,9 @@ from encoder_service.records import DataFile, LatentRow, LedgerRow, Manifest, Ru
 from encoder_service.shards import layout
 from encoder_service.shards.manifest import ManifestUnreadable, read_manifest
 from encoder_service.shards.schema import SCHEMA_VERSION, run_metadata
-from encoder_service.storage import is_local, is_s3, join, retry, server_copy, sha256_local
+from encoder_service.storage import is_local, is_s3, join, retry, server_copy, sha256_of
 
+LOCAL = fsspec.filesystem("file")
 ROW_GROUP_BYTES = 64 << 20  # ~64 MiB row groups: large sequential reads, several per file for workers
 _DICTIONARY = ["source_url", "bucket", "vae_name", "vae_sha256", "latent_dtype", "precision", "pipeline_version",
                "stage", "reason"]
@@ -50,7 +52,7 @@ def write_parquet(fs, root: str, path: str, rows: list, cls, run_meta: RunMeta,
         pq.write_table(table, local, compression="zstd", row_group_size=max(1, row_group_bytes // per_row),
                        use_dictionary=[c for c in _DICTIONARY if c in table.column_names],
                        write_statistics=["key"], write_page_checksum=True)
-        size, digest = os.path.getsize(local), sha256_local(local)
+        size, digest = os.path.getsize(local), sha256_of(LOCAL, local)
         _publish(fs, local, path)
     finally:
         if os.path.exists(local):
