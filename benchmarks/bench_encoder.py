@@ -41,10 +41,15 @@ REFERENCE_CONFIGS = Path(__file__).resolve().parents[1] / "tests" / "data"  # re
 
 # ---- implementations: build(model_name, dtype, device) -> encode(uint8 (B,T,H,W,3) on device) -> mean
 
-def build_ours(model, dtype, device, args):
+def build_ours(model, dtype, device, args, compile=False):
     vae = WFVAE(smoke_config() if model == "smoke" else PRESETS[model]).to(device)
-    engine = LatentEncoder(vae, precision_of(dtype), chunk_frames=args.chunk_frames)
+    engine = LatentEncoder(vae, precision_of(dtype), chunk_frames=args.chunk_frames, compile=compile)
     return lambda frames: engine.encode(frames).mean
+
+
+def build_ours_compiled(model, dtype, device, args):
+    """LatentEncoder(compile=True): the warm-up calls compile, the timed ones run the compiled graph."""
+    return build_ours(model, dtype, device, args, compile=True)
 
 
 def build_official(model, dtype, device, args):
@@ -68,7 +73,8 @@ def build_diffusers(cls_name):
     return build
 
 
-IMPLS = {"ours": build_ours, "official": build_official, "cogvideox": build_diffusers("AutoencoderKLCogVideoX"),
+IMPLS = {"ours": build_ours, "ours_compiled": build_ours_compiled, "official": build_official,
+         "cogvideox": build_diffusers("AutoencoderKLCogVideoX"),
          "wan": build_diffusers("AutoencoderKLWan")}
 OTHER_MODELS = {"cogvideox": "cogvideox-vae", "wan": "wan2.1-vae"}  # their own architecture, default config
 

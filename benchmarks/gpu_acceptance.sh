@@ -5,10 +5,12 @@
 #   bash benchmarks/gpu_acceptance.sh [STEP...]          # on the device machine (default: every step)
 #   bash benchmarks/gpu_acceptance.sh --smoke [STEP...]  # CPU check of this script (tests/test_benchmarks.py)
 #
-# Steps, after the environment record: correctness kernels encoder_ours encoder_official
-# chunk_memory pipeline actor (the default: their limits add up to 14 minutes, two device calls of a
-# 15-minute lease, e.g. "correctness kernels encoder_ours" then the rest), and encoder_small
-# (WF-VAE-S), encoder_diffusers (CogVideoX, Wan) when time is left. The limits are estimates made
+# Steps, after the environment record: correctness kernels aot encoder_ours encoder_official
+# encoder_compiled chunk_memory pipeline actor (the default: two device calls of a 15-minute lease,
+# e.g. "correctness kernels aot encoder_ours" then the rest), and encoder_small (WF-VAE-S),
+# encoder_diffusers (CogVideoX, Wan) when time is left. aot prints registers, spills and shared
+# memory of every kernel variant (python -m kernels.aot) beside the kernels step's measured times;
+# encoder_compiled times LatentEncoder(compile=True) beside eager in the same run. The limits are estimates made
 # without a GPU. A failed or timed-out step does not stop the next; acceptance_<device>.json records
 # each step's status and seconds. The device machine has no network: prepare here and carry .whl and
 # .official:
@@ -21,7 +23,8 @@ cd "$(dirname "$0")/.."
 smoke=0
 if [ "${1:-}" = "--smoke" ]; then smoke=1; shift; fi
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(correctness kernels encoder_ours encoder_official chunk_memory pipeline actor)
+[ ${#steps[@]} -gt 0 ] || steps=(correctness kernels aot encoder_ours encoder_official encoder_compiled chunk_memory
+                                 pipeline actor)
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if [ -d .whl ] && [ $smoke = 0 ]; then  # the device machine: install what it lacks
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
@@ -73,7 +76,16 @@ encoder() {  # name impls models dtypes shapes batches: a file each, so a timed-
       --warmup 2 --repeats 5 "${official[@]}" --out "$results/encoder_$1_cuda.json"
   fi
 }
+encoder_compiled() { encoder compiled "ours ours_compiled" $L bfloat16 "33x256x256 33x512x512" "1 8"; }
 L=wfvae-l-16chn S=wfvae-s-8chn
+
+aot() {  # no device needed: the smoke run only checks that it starts (tests/test_kernels_aot.py runs it)
+  if [ "$smoke" = 1 ]; then
+    env -u TRITON_INTERPRET "$PY" -m kernels.aot --help >/dev/null
+  else
+    env -u TRITON_INTERPRET "$PY" -m kernels.aot --arch sm_90 --json "$results/aot_sm90.json" | tee "$results/aot_sm90.txt"
+  fi
+}
 encoder_ours() { encoder ours ours $L "bfloat16 float32" "33x256x256 33x512x512 65x512x512 33x720x1280" "1 8"; }
 encoder_official() { encoder official official $L bfloat16 "33x256x256 33x512x512 65x512x512" "1 8"; }
 encoder_small() { encoder small "ours official" $S bfloat16 "33x256x256 33x512x512" "1 8"; }
@@ -117,11 +129,12 @@ record[name] = {'status': 'ok' if status == 0 else 'timed out' if status in (124
 json.dump(record, open(path, 'w'), indent=1)" "$record" "$name" "$status" $((SECONDS - start))
 }
 
-declare -A limit=([environment]=30 [correctness]=120 [kernels]=60 [encoder_ours]=180 [encoder_official]=120
-                  [encoder_small]=90 [encoder_diffusers]=120 [chunk_memory]=60 [pipeline]=150 [actor]=120)
+declare -A limit=([environment]=30 [correctness]=120 [kernels]=60 [aot]=60 [encoder_ours]=180 [encoder_official]=120
+                  [encoder_compiled]=150 [encoder_small]=90 [encoder_diffusers]=120 [chunk_memory]=60 [pipeline]=150
+                  [actor]=120)
 export L S
-export -f environment correctness kernels encoder encoder_ours encoder_official encoder_small encoder_diffusers \
-  chunk_memory pipeline actor
+export -f environment correctness kernels aot encoder encoder_ours encoder_official encoder_compiled encoder_small \
+  encoder_diffusers chunk_memory pipeline actor
 for step in environment "${steps[@]}"; do
   [ -n "${limit[$step]:-}" ] || { echo "unknown step '$step' (one of: ${!limit[*]})"; exit 2; }
   run_step "$step" "${limit[$step]}"

@@ -13,6 +13,7 @@ anything raised while computing is a fault of the machine or the code, not of th
 import contextlib
 import copy
 import threading
+import time
 import warnings
 from dataclasses import dataclass
 
@@ -42,6 +43,7 @@ class Encoded:
     sums: torch.Tensor | None = None  # (B, 2, 2, z) float32: per clip and channel, sum and sum of squares
     #                                   of mean and of logvar (computed where the latents were made)
     done: object = None   # a CUDA event recorded after the copies to the host; None: they are done
+    compile_seconds: float = 0.0  # this call's share spent compiling (its shape was new), in its wall time
 
 
 class PinnedBuffers:
@@ -72,12 +74,19 @@ class LatentEncoder:
     """chunk_frames: frames per causal-cache chunk (a multiple of 4), None for whole clips, or
     "auto": the largest multiple of 4 whose activations fit in half the free device memory.
     channels_last: keep 3D weights (and so activations) NDHWC, cuDNN's fast layout; on by default
-    on CUDA. A model passed in is copied if it must change dtype or layout."""
+    on CUDA. A model passed in is copied if it must change dtype or layout.
+    compile: run the model through torch.compile (COMPILE_OPTIONS: static shapes, one graph, so
+    each new batch shape and chunking compiles once, which its first call pays; compile_seconds
+    adds those up). Off by default until a GPU run has measured it."""
 
     def __init__(self, vae: WFVAE, precision: str | options.Precision = "bf16",
-                 chunk_frames: int | str | None = 16, channels_last: bool | None = None):
+                 chunk_frames: int | str | None = 16, channels_last: bool | None = None, compile: bool = False):
         self.precision = options.precision(precision)
         self.chunk_frames = chunk_frames
+        self.compiled, self.compile_seconds, self._shapes = compile, 0.0, set()
+        self._moments = torch.compile(self._model, **COMPILE_OPTIONS) if compile else self._model
+        if compile:  # one compiled graph per bucket shape: more than dynamo's default of 8 may be in use
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self.device = next(vae.parameters()).device
         self.channels_last = self.device.type == "cuda" if channels_last is None else channels_last
         if vae.dtype != self.precision.compute or (self.channels_last and not weights_channels_last(vae)):
@@ -90,13 +99,14 @@ class LatentEncoder:
 
     @classmethod
     def load(cls, checkpoint: str, config=None, precision: str = "bf16", device: str | None = None,
-             chunk_frames: int | str | None = 16, channels_last: bool | None = None) -> "LatentEncoder":
+             chunk_frames: int | str | None = 16, channels_last: bool | None = None,
+             compile: bool = False) -> "LatentEncoder":
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         vae = WFVAE.from_pretrained(checkpoint, config=config, dtype=options.precision(precision).compute,
                                     device=device)
         if channels_last if channels_last is not None else device.type == "cuda":
             to_channels_last_3d(vae)  # our own model: change it in place
-        return cls(vae, precision, chunk_frames, channels_last)
+        return cls(vae, precision, chunk_frames, channels_last, compile)
 
     @property
     def config(self):
@@ -130,6 +140,10 @@ class LatentEncoder:
             check_video(x[:0].permute(0, 4, 1, 2, 3), self.precision.compute)
         except ValueError as exc:
             raise ClipRejected(str(exc)) from exc
+        if x.is_floating_point() and x.numel():  # checked here, on the host: the model does not
+            lo, hi = x.aminmax()                 # (a data-dependent branch would split a compiled graph)
+            if lo < 0 or hi > 255:
+                raise ClipRejected(f"float frames must be in [0, 255], got [{lo.item():.3g}, {hi.item():.3g}]")
         if self.device.type == "cuda" and not x.is_cuda:
             x = self._copy_in(x)
         return x.permute(0, 4, 1, 2, 3)  # a view: no copy
@@ -154,21 +168,38 @@ class LatentEncoder:
         """The model on device frames from to_device(): mean, logvar, finiteness and per-clip channel
         sums (float32, on the device) are queued for the host right after it, into pinned memory,
         so they arrive while the next batch computes; wait(result) before reading them."""
-        if x.dtype != torch.uint8:  # float frames in [0, 255]
-            x = x.to(self.precision.compute).div(127.5).sub(1.0)
+        chunk = self.chunk_for((x.shape[0], x.shape[2], *x.shape[3:]))
+        key, start = (tuple(x.shape), x.dtype, chunk), time.perf_counter()
         with numerics(self.precision):
-            posterior = self.vae.encode(x, chunk_frames=self.chunk_for((x.shape[0], x.shape[2], *x.shape[3:])))
-        mean, logvar = posterior.mean, posterior.logvar
+            mean, logvar = self._moments(x, chunk)
+        compile_seconds = 0.0
+        if self.compiled and key not in self._shapes:  # this call compiled: its whole wall time counts
+            self._shapes.add(key)                     # (the run itself is small beside the compile)
+            compile_seconds = time.perf_counter() - start
+            self.compile_seconds += compile_seconds
         finite = torch.isfinite(mean).flatten(1).all(1) & torch.isfinite(logvar).flatten(1).all(1)
         sums = torch.stack([channel_sums(mean), channel_sums(logvar)], dim=1)  # (B, 2, 2, z)
         storage = self.precision.storage
         out = [mean.to(storage), logvar.to(storage), finite, sums]
         if self.device.type != "cuda":
-            return Encoded(*out)
+            return Encoded(*out, compile_seconds=compile_seconds)
         host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) for t in out]
         done = torch.cuda.Event()
         done.record()
-        return Encoded(*host, done=done)
+        return Encoded(*host, done=done, compile_seconds=compile_seconds)
+
+    def _model(self, x: torch.Tensor, chunk: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Frames on the device -> (mean, logvar): what torch.compile compiles."""
+        if x.dtype != torch.uint8:  # float frames in [0, 255]
+            x = x.to(self.precision.compute).div(127.5).sub(1.0)
+        posterior = self.vae.encode(x, chunk_frames=chunk)
+        return posterior.mean, posterior.logvar
+
+
+# static shapes (the job's clips come in a few bucket shapes), the whole model as one graph (an
+# error, not a silent fallback, if anything breaks it), inductor's default mode (no CUDA graphs:
+# the actor's streams and pinned buffers are outside the graph)
+COMPILE_OPTIONS = {"dynamic": False, "fullgraph": True, "mode": "default"}
 
 
 def wait(encoded: Encoded) -> Encoded:
@@ -201,14 +232,20 @@ def numerics(precision: options.Precision):
 
 
 def to_channels_last_3d(model: torch.nn.Module) -> None:
-    """NDHWC storage for every 5D weight (Module.to(memory_format=) also touches 4D ones and fails)."""
+    """Channels-last storage for every conv weight: NDHWC for 5D ones, NHWC for the 4D weights of
+    per-frame convs (which run as 3D convs of the unsqueezed weight, then NDHWC too), so every
+    convolution runs channels-last on channels-last inputs with nothing converted inside it.
+    (Module.to(memory_format=) takes one format for all and fails on the mix.)"""
     for p in model.parameters():
-        if p.ndim == 5:
-            p.data = p.data.contiguous(memory_format=torch.channels_last_3d)
+        if p.ndim in (4, 5):
+            p.data = p.data.contiguous(memory_format=_CHANNELS_LAST[p.ndim])
 
 
 def weights_channels_last(model: torch.nn.Module) -> bool:
-    return all(p.is_contiguous(memory_format=torch.channels_last_3d) for p in model.parameters() if p.ndim == 5)
+    return all(p.is_contiguous(memory_format=_CHANNELS_LAST[p.ndim]) for p in model.parameters() if p.ndim in (4, 5))
+
+
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
 def auto_chunk_frames(device: torch.device, pixels: int, compute: torch.dtype, fraction: float = 0.5) -> int | None:

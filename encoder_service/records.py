@@ -146,6 +146,7 @@ class UnitResult:
     mean_stats: ChannelStats | None = None
     logvar_stats: ChannelStats | None = None
     qa: list[QaRow] = dataclasses.field(default_factory=list)
+    compile_seconds: float = 0.0  # torch.compile of new shapes during this unit (--compile)
 
 
 @dataclass(frozen=True)

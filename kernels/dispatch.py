@@ -89,10 +89,10 @@ def inverse_haar2d(x, add_low=None):
     return _impl("inverse_haar2d", x)(x, add_low)
 
 
-def haar_pyramid(x, causal_pad=True, dtype=None):
+def haar_pyramid(x, causal_pad=True, dtype=None, memory_format=torch.contiguous_format):
     # a uint8 input is computed in `dtype`: that decides between the kernel and the reference
-    return _implementation("haar_pyramid", x.device.type, dtype or x.dtype)(x, causal_pad, dtype)
+    return _implementation("haar_pyramid", x.device.type, dtype or x.dtype)(x, causal_pad, dtype, memory_format)
 
 
-def channel_layer_norm(x, weight, bias, eps=1e-6, silu=False):
-    return _impl("channel_layer_norm", x)(x, weight, bias, eps, silu)
+def channel_layer_norm(x, weight, bias, eps=1e-6, silu=False, out=None):
+    return _impl("channel_layer_norm", x)(x, weight, bias, eps, silu, out)

@@ -89,12 +89,14 @@ def to_unit_range(frames: torch.Tensor, dtype: torch.dtype = torch.float32) -> t
     return frames.float().div(127.5).sub(1.0).to(dtype)
 
 
-def haar_pyramid(x: torch.Tensor, causal_pad: bool = True, dtype: torch.dtype | None = None):
+def haar_pyramid(x: torch.Tensor, causal_pad: bool = True, dtype: torch.dtype | None = None,
+                 memory_format: torch.memory_format = torch.contiguous_format):
     """The encoder's three wavelet inputs from one video chunk (spec section 5, steps 1-2).
 
     x: (B, 3, T, H, W) float in [-1, 1], or uint8 in [0, 255] (mapped to [-1, 1] in dtype, default
     float32). Returns (level-0 3D coefficients (B,24,..), level-1 2D coefficients of the LLL band
-    (B,12,..), level-2 3D coefficients of the LL band of that (B,24,..)).
+    (B,12,..), level-2 3D coefficients of the LL band of that (B,24,..)), each dense in
+    `memory_format` (channels_last_3d: the layout the encoder's convolutions run in on CUDA).
     """
     if x.dtype == torch.uint8:
         x = to_unit_range(x, dtype or torch.float32)
@@ -103,4 +105,4 @@ def haar_pyramid(x: torch.Tensor, causal_pad: bool = True, dtype: torch.dtype | 
     coeffs = haar3d(x, causal_pad)
     l1 = haar2d(coeffs[:, :3])
     l2 = haar3d(l1[:, :3], causal_pad)
-    return coeffs, l1, l2
+    return tuple(t.contiguous(memory_format=memory_format) for t in (coeffs, l1, l2))

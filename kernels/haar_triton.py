@@ -60,7 +60,7 @@ def _store8(ptr, off, band_stride, mask, tap, s0, s1, s2, s3, s4, s5, s6, s7):
 
 @triton.jit
 def _levels01(x_ptr, l0_ptr, l1_ptr, c, f, write, b, cy, cx, cell_ok, H0, W0, H1, W1,
-              sx_b, sx_c, sx_t, sx_h, sx_w, s0_b, s0_c, s0_t, s1_b, s1_c, s1_t,
+              sx_b, sx_c, sx_t, sx_h, sx_w, s0_b, s0_c, s0_t, s0_h, s0_w, s1_b, s1_c, s1_t, s1_h, s1_w,
               CAUSAL: tl.constexpr, U8: tl.constexpr, BLOCK: tl.constexpr, TAP3: tl.constexpr,
               TAP2: tl.constexpr):
     """Level-0 and level-1 coefficients of channel c, frame f for a block of cells; returns the
@@ -85,7 +85,7 @@ def _levels01(x_ptr, l0_ptr, l1_ptr, c, f, write, b, cy, cx, cell_ok, H0, W0, H1
         _pixel(x_ptr, e + sx_h, U8, ok0), _pixel(x_ptr, e + sx_h + sx_w, U8, ok0),
         _pixel(x_ptr, o, U8, ok0), _pixel(x_ptr, o + sx_w, U8, ok0),
         _pixel(x_ptr, o + sx_h, U8, ok0), _pixel(x_ptr, o + sx_h + sx_w, U8, ok0))
-    _store8(l0_ptr, b * s0_b + c * s0_c + f * s0_t + h0 * W0 + w0, 3 * s0_c, written, TAP3,
+    _store8(l0_ptr, b * s0_b + c * s0_c + f * s0_t + h0 * s0_h + w0 * s0_w, 3 * s0_c, written, TAP3,
             s0, s1, s2, s3, s4, s5, s6, s7)
     # level 1: 2D Haar of the LLL band (as stored) over each 2x2 group d of level-0 positions
     lll = tl.reshape((s0 * TAP3).to(l0_ptr.dtype.element_ty).to(tl.float32), (BLOCK, 4, 4))
@@ -99,7 +99,7 @@ def _levels01(x_ptr, l0_ptr, l1_ptr, c, f, write, b, cy, cx, cell_ok, H0, W0, H1
     h1 = 2 * cy[:, None] + (dd // 2)[None, :]
     w1 = 2 * cx[:, None] + (dd % 2)[None, :]
     ok1 = cell_ok[:, None] & (h1 < H1) & (w1 < W1) & ((tl.zeros_like(h1) + write) != 0)
-    off1 = b * s1_b + c * s1_c + f * s1_t + h1 * W1 + w1
+    off1 = b * s1_b + c * s1_c + f * s1_t + h1 * s1_h + w1 * s1_w
     ty = l1_ptr.dtype.element_ty
     tl.store(l1_ptr + off1, (ll * TAP2).to(ty), mask=ok1)  # k = eta + 2*omega: LL, H-high, W-high, HH
     tl.store(l1_ptr + off1 + 3 * s1_c, (hl * TAP2).to(ty), mask=ok1)
@@ -111,9 +111,9 @@ def _levels01(x_ptr, l0_ptr, l1_ptr, c, f, write, b, cy, cx, cell_ok, H0, W0, H1
 
 @triton.jit
 def _pyramid_kernel(x_ptr, l0_ptr, l1_ptr, l2_ptr, n_cells, cells_w, H0, W0, H1, W1, H2, W2,
-                    sx_b, sx_c, sx_t, sx_h, sx_w, s0_b, s0_c, s0_t, s1_b, s1_c, s1_t, s2_b, s2_c, s2_t,
-                    CAUSAL: tl.constexpr, U8: tl.constexpr, WIDE: tl.constexpr, BLOCK: tl.constexpr,
-                    TAP3: tl.constexpr, TAP2: tl.constexpr):
+                    sx_b, sx_c, sx_t, sx_h, sx_w, s0_b, s0_c, s0_t, s0_h, s0_w, s1_b, s1_c, s1_t, s1_h, s1_w,
+                    s2_b, s2_c, s2_t, s2_h, s2_w, CAUSAL: tl.constexpr, U8: tl.constexpr, WIDE: tl.constexpr,
+                    BLOCK: tl.constexpr, TAP3: tl.constexpr, TAP2: tl.constexpr):
     pid, m, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if WIDE:
         pid, m, b = pid.to(tl.int64), m.to(tl.int64), b.to(tl.int64)
@@ -132,11 +132,13 @@ def _pyramid_kernel(x_ptr, l0_ptr, l1_ptr, l2_ptr, n_cells, cells_w, H0, W0, H1,
     sign_w = (1 - 2 * (dd % 2)).to(tl.float32)[None, :]
     for c in tl.static_range(3):
         a = _levels01(x_ptr, l0_ptr, l1_ptr, c, fa, fa * 0 + 1, b, cy, cx, cell_ok, H0, W0, H1, W1,
-                      sx_b, sx_c, sx_t, sx_h, sx_w, s0_b, s0_c, s0_t, s1_b, s1_c, s1_t, CAUSAL, U8, BLOCK, TAP3, TAP2)
+                      sx_b, sx_c, sx_t, sx_h, sx_w, s0_b, s0_c, s0_t, s0_h, s0_w, s1_b, s1_c, s1_t, s1_h, s1_w,
+                      CAUSAL, U8, BLOCK, TAP3, TAP2)
         z = _levels01(x_ptr, l0_ptr, l1_ptr, c, fb, (fb != fa).to(tl.int32), b, cy, cx, cell_ok, H0, W0, H1, W1,
-                      sx_b, sx_c, sx_t, sx_h, sx_w, s0_b, s0_c, s0_t, s1_b, s1_c, s1_t, CAUSAL, U8, BLOCK, TAP3, TAP2)
+                      sx_b, sx_c, sx_t, sx_h, sx_w, s0_b, s0_c, s0_t, s0_h, s0_w, s1_b, s1_c, s1_t, s1_h, s1_w,
+                      CAUSAL, U8, BLOCK, TAP3, TAP2)
         lo, hi = a + z, a - z
-        off2 = b * s2_b + c * s2_c + m * s2_t + cy * W2 + cx
+        off2 = b * s2_b + c * s2_c + m * s2_t + cy * s2_h + cx * s2_w
         _store8(l2_ptr, off2, 3 * s2_c, ok2, TAP3,
                 tl.sum(lo, axis=1), tl.sum(lo * sign_w, axis=1), tl.sum(lo * sign_h, axis=1),
                 tl.sum(lo * sign_h * sign_w, axis=1), tl.sum(hi, axis=1), tl.sum(hi * sign_w, axis=1),
@@ -152,9 +154,11 @@ def _pyramid_frames(t: int, causal_pad: bool) -> tuple[int, int]:
                      f"chunks, got {t} ({'first' if causal_pad else 'later'} chunk)")
 
 
-def haar_pyramid(x: torch.Tensor, causal_pad: bool = True, dtype: torch.dtype | None = None):
+def haar_pyramid(x: torch.Tensor, causal_pad: bool = True, dtype: torch.dtype | None = None,
+                 memory_format: torch.memory_format = torch.contiguous_format):
     """(B, 3, T, H, W) float in [-1, 1] or uint8 in [0, 255] (any strides: a permuted view of
-    (B, T, H, W, 3) frames works) -> level-0 (B,24,..), level-1 (B,12,..), level-2 (B,24,..)."""
+    (B, T, H, W, 3) frames works) -> level-0 (B,24,..), level-1 (B,12,..), level-2 (B,24,..), each
+    written dense in `memory_format` (channels_last_3d: the encoder's convolutions read them as they are)."""
     b, c, t, h, w = x.shape
     if c != 3:
         raise ValueError(f"haar_pyramid expects 3 channels, got {c}")
@@ -162,9 +166,8 @@ def haar_pyramid(x: torch.Tensor, causal_pad: bool = True, dtype: torch.dtype | 
     t0, t2 = _pyramid_frames(t, causal_pad)
     h0, w0 = h // 2, w // 2
     h1, w1, h2, w2 = h0 // 2, w0 // 2, h0 // 4, w0 // 4
-    l0 = torch.empty((b, 24, t0, h0, w0), dtype=dtype, device=x.device)
-    l1 = torch.empty((b, 12, t0, h1, w1), dtype=dtype, device=x.device)
-    l2 = torch.empty((b, 24, t2, h2, w2), dtype=dtype, device=x.device)
+    l0, l1, l2 = (torch.empty(shape, dtype=dtype, device=x.device, memory_format=memory_format)
+                  for shape in ((b, 24, t0, h0, w0), (b, 12, t0, h1, w1), (b, 24, t2, h2, w2)))
     cells_w = triton.cdiv(w0, 4)
     n_cells = triton.cdiv(h0, 4) * cells_w
     if l0.numel() == 0:
@@ -172,8 +175,7 @@ def haar_pyramid(x: torch.Tensor, causal_pad: bool = True, dtype: torch.dtype | 
     block = 16
     grid = (triton.cdiv(n_cells, block), t2, b)
     _pyramid_kernel[grid](x, l0, l1, l2, n_cells, cells_w, h0, w0, h1, w1, h2, w2, *x.stride(),
-                          l0.stride(0), l0.stride(1), l0.stride(2), l1.stride(0), l1.stride(1), l1.stride(2),
-                          l2.stride(0), l2.stride(1), l2.stride(2), CAUSAL=causal_pad, U8=x.dtype == torch.uint8,
+                          *l0.stride(), *l1.stride(), *l2.stride(), CAUSAL=causal_pad, U8=x.dtype == torch.uint8,
                           WIDE=needs_int64(x, l0, l1, l2), BLOCK=block, TAP3=HAAR3D_TAP, TAP2=HAAR2D_TAP)
     return l0, l1, l2
 

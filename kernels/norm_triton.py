@@ -3,6 +3,8 @@
 One program normalises BLOCK_P positions of one batch element over all C channels: it reads the
 (C, BLOCK_P) tile once, keeps float32 statistics, and writes normalised (and SiLU'd) values once,
 where the reference moves the tensor to channels-last and back and makes two more passes for SiLU.
+`out=` writes the result into a given view (the model passes the frames of a causal convolution's
+input buffer), so the causal context never costs a concatenated copy.
 Input and output offsets each come from their own five strides, so channel slices (the decoder's
 flow channels), time slices, channels_last_3d, and the odd strides of size-1 dims (T = 1 sums of
 mixed layouts) are all read in place; the output is dense in the input's memory format.
@@ -43,11 +45,16 @@ def _channel_norm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, C, P, H, W, eps,
 
 
 def channel_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-6,
-                       silu: bool = False) -> torch.Tensor:
+                       silu: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
     if x.ndim != 5:
         raise ValueError(f"channel_layer_norm expects (B, C, T, H, W), got {tuple(x.shape)}")
+    if out is not None and (out.shape != x.shape or out.dtype != x.dtype):
+        raise ValueError(f"channel_layer_norm: out {tuple(out.shape)} {out.dtype} is not x's "
+                         f"{tuple(x.shape)} {x.dtype}")
     b, c, t, h, w = x.shape
-    y = torch.empty_like(x)  # dense, in the input's memory format (same strides when x is dense)
+    # out: written through its strides (a frame slice of a convolution's input buffer); otherwise
+    # dense in the input's memory format (same strides when x is dense)
+    y = torch.empty_like(x) if out is None else out
     if y.numel() == 0:
         return y
     block_c = triton.next_power_of_2(c)

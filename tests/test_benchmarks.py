@@ -19,7 +19,7 @@ from kernels import haar_reference, norm_reference
 ROOT = Path(__file__).resolve().parents[1]
 # the acceptance steps run here as a script (the pipeline step's benchmark: tests/test_pipeline_benchmark.py,
 # in-process on the tests' Ray; encoder_official is encoder_ours' function, measuring nothing on a CPU)
-SMOKE_STEPS = ("correctness", "kernels", "encoder_ours", "chunk_memory", "actor")
+SMOKE_STEPS = ("correctness", "kernels", "aot", "encoder_ours", "chunk_memory", "actor")
 ACTOR_FIELDS = ("size", "host_ms_per_clip_critical_path", "host_ms_per_clip_serial", "busy_fraction_at_25ms",
                 "busy_fraction_at_50ms")
 FIELDS = ("device", "torch", "impl", "model", "shape", "batch", "dtype", "clips_per_s", "latency_ms",

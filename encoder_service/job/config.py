@@ -66,6 +66,8 @@ class JobConfig:
     chunk_frames: int | str | None = option(16, "frames per causal-cache chunk inside the encoder (bounds GPU "
                                             "memory): a multiple of 4, auto (from free GPU memory) or none",
                                             options.chunk_frames)
+    compile: bool = option(False, "compile the encoder with torch.compile (static shapes, one graph; each bucket "
+                           "shape compiles once, on its first batch). Off until measured on a GPU")
     file_mb: float = option(32.0, "MiB of latents per data file; a file is what one encoder call writes, so "
                             "its clips' frames (about 11x that in bf16) travel as one block",
                             _number(float, 0.001, 4096, "file MiB"))

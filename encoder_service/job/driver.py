@@ -48,6 +48,7 @@ class Totals:
     ledger: Counter = field(default_factory=Counter)      # "stage/reason" -> rows
     failed: dict = field(default_factory=dict)            # shard id -> reason
     encode_seconds: float = 0.0
+    compile_seconds: float = 0.0                          # torch.compile, all actors (--compile)
     first_result: float | None = None
     driver_bytes: int = 0                                 # Arrow bytes the driver received
     clips_encoded: int = 0                                # as units come back, before their shard commits
@@ -82,6 +83,7 @@ class Driver:
         elif row.kind == "result" and row.result.index not in state.results:
             state.results[row.result.index] = row.result
             t.encode_seconds += row.result.encode_seconds
+            t.compile_seconds += row.result.compile_seconds
             t.clips_encoded += row.result.clips - len(row.result.ledger)
             t.first_result = t.first_result or time.time()
         if state.finished():

@@ -51,7 +51,7 @@ def build_dataset(cfg: JobConfig, plan: Plan, registry):
                         label_selector=dict(cfg.ingest_labels) or None)
     spec = EncoderSpec(cfg.checkpoint, cfg.model_config, cfg.precision, cfg.device, cfg.encoder_cpus, cfg.batch_size,
                        cfg.chunk_frames, cfg.store_logvar, cfg.output, storage, plan.run_meta, cfg.qa_fraction,
-                       cfg.seed)
+                       cfg.seed, cfg.compile)
     # Ray Data restarts dead pool actors and retries their calls (max_restarts=-1, max_task_retries=-1);
     # job/faults.py bounds the retries of a unit that keeps failing.
     # UNITS_IN_FLIGHT calls per actor at once, each in its own thread (job/unit_encoder.py)
@@ -204,7 +204,8 @@ def _run_record(cfg: JobConfig, plan: Plan, t: Totals, failed: dict, progress: P
             "shards_failed": len(failed), "failed_shards": dict(sorted(failed.items())), "clips": t.clips,
             "latents": t.latents, "errors": sum(t.ledger.values()), "errors_by_reason": dict(sorted(t.ledger.items())),
             "seconds": round(elapsed, 2), "clips_per_s": round(t.latents / elapsed, 3) if elapsed else 0.0,
-            "encoder_busy_fraction": busy, "driver_bytes_received": t.driver_bytes,
+            "encoder_busy_fraction": busy, "compile_seconds": round(t.compile_seconds, 2),
+            "driver_bytes_received": t.driver_bytes,
             "settings": plan.settings, "run": dataclasses.asdict(plan.run_meta), "config": to_json(cfg)}
 
 

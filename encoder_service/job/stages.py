@@ -89,6 +89,7 @@ class EncoderSpec:
     run_meta: RunMeta
     qa_fraction: float = 0.0
     qa_seed: int = 0
+    compile: bool = False
 
 
 def resolve_device(choice: str) -> str:
@@ -117,7 +118,8 @@ class EncodeUnits:
         if device == "cpu":
             torch.set_num_threads(max(1, round(spec.cpus)))
         self.spec, self.registry = spec, registry
-        encoder = LatentEncoder.load(spec.checkpoint, spec.model_config, spec.precision, device, spec.chunk_frames)
+        encoder = LatentEncoder.load(spec.checkpoint, spec.model_config, spec.precision, device, spec.chunk_frames,
+                                     compile=spec.compile)
         fs, root = filesystem(spec.output, spec.storage)
         qa = QualityCheck(spec.checkpoint, spec.model_config, device, spec.chunk_frames) if spec.qa_fraction else None
         self.units = UnitEncoder(encoder, StagingWriter(fs, root, spec.run_meta), spec.run_meta, spec.batch_size,
@@ -188,6 +190,8 @@ class EncodeUnits:
         metrics.inc("wfvae_encoder_busy_seconds", timing.model)
         metrics.inc("wfvae_encoder_critical_host_seconds", timing.critical)
         metrics.inc("wfvae_encoder_finish_seconds", timing.finish)
+        if timing.compile:
+            metrics.inc("wfvae_encoder_compile_seconds", timing.compile)
         metrics.observe("wfvae_encode_seconds", timing.model)
         encoded = result.clips - len(result.ledger)
         metrics.inc("wfvae_clips_encoded", encoded)

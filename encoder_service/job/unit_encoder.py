@@ -41,6 +41,7 @@ class Timing:
     critical: float = 0.0     # host work while holding the device, outside the model calls
     waiting: float = 0.0      # waiting for the device (another unit's model call)
     finish: float = 0.0       # off the device: rows, statistics, file, QA
+    compile: float = 0.0      # torch.compile for a new shape (inside a model call; not counted in model)
     first_model: float | None = None   # perf_counter() as its first model call began ...
     last_model: float | None = None    # ... and as its last one ended
 
@@ -99,11 +100,12 @@ class UnitEncoder:
             out = self.encoder.forward(x)
             end.record()
             end.synchronize()  # the device is ours until the model is done: its time is what we measure
-            timing.model += begin.elapsed_time(end) / 1000
-            return out
-        start = time.perf_counter()
-        out = self.encoder.forward(x)
-        timing.model += time.perf_counter() - start
+            timing.model += max(0.0, begin.elapsed_time(end) / 1000 - out.compile_seconds)
+        else:
+            start = time.perf_counter()
+            out = self.encoder.forward(x)
+            timing.model += max(0.0, time.perf_counter() - start - out.compile_seconds)
+        timing.compile += out.compile_seconds
         return out
 
     # ---- beside it ---------------------------------------------------------------------------------
@@ -126,7 +128,7 @@ class UnitEncoder:
         file = self.writer.write(unit.shard_id, unit.index, latents) if latents else None
         mean_stats, logvar_stats = channel_stats(sums)
         return UnitResult(unit.shard_id, unit.index, len(unit.clips), file, ledger, timing.model,
-                          mean_stats=mean_stats, logvar_stats=logvar_stats), good
+                          mean_stats=mean_stats, logvar_stats=logvar_stats, compile_seconds=timing.compile), good
 
     def _quality(self, unit: Unit, frames: np.ndarray, good: list) -> list:
         sample = [g for g in good if selected(unit.clips[g[0]].key, self.qa_seed, self.qa_fraction)]

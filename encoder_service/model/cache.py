@@ -12,6 +12,7 @@ from torch import nn
 class CausalCache:
     def __init__(self):
         self._entries: dict[nn.Module, object] = {}
+        self.last = False  # set before a clip's last chunk: layers keep no context for a next one
 
     def get(self, layer: nn.Module, default=None):
         return self._entries.get(layer, default)
@@ -26,20 +27,11 @@ class CausalCache:
         return not first
 
 
-def with_causal_context(x: torch.Tensor, layer: nn.Module, cache: CausalCache | None,
-                        kernel_t: int, stride_t: int) -> torch.Tensor:
-    """Prepend the temporal context a causal window of `kernel_t` frames needs.
-
-    On a clip's first chunk that is kernel_t-1 copies of frame 0 (the official causal padding);
-    on later chunks it is the padded input the previous chunk had not consumed yet (the last
-    kernel_t-stride_t frames for the chunk lengths the model uses). This one rule makes chunked
-    inference equal whole-clip inference for every causal layer.
-    """
-    context = cache.get(layer) if cache is not None else None
-    if context is None:
-        context = x[:, :, :1].expand(-1, -1, kernel_t - 1, -1, -1)
-    padded = torch.cat([context, x], dim=2) if kernel_t > 1 else x
-    if cache is not None:
-        consumed = (padded.shape[2] - kernel_t) // stride_t * stride_t + stride_t
-        cache.put(layer, padded[:, :, consumed:].clone())  # clone: do not pin the whole chunk
-    return padded
+def keep_context(padded: torch.Tensor, layer: nn.Module, cache: CausalCache | None, kernel_t: int,
+                 stride_t: int) -> None:
+    """Store what the next chunk's window needs (a copy: a view would pin the whole chunk); nothing
+    on a clip's last chunk, where no one will read it."""
+    if cache is None or cache.last:
+        return
+    consumed = (padded.shape[2] - kernel_t) // stride_t * stride_t + stride_t
+    cache.put(layer, padded[:, :, consumed:].clone())

@@ -13,6 +13,7 @@ from encoder_service.model.blocks import (
     ResnetBlock3D,
     Sequence,
     Spatial2xTime2x3DDownsample,
+    conv_layout,
 )
 from encoder_service.model.cache import CausalCache
 from encoder_service.model.config import WFVAEConfig
@@ -45,9 +46,10 @@ class Encoder(nn.Module):
         multiples of 4 frames.
         """
         first = cache is None or not cache.seen(self)
-        coeffs, l1_coeffs, l2_coeffs = kernels.haar_pyramid(x, causal_pad=first, dtype=self.conv_out.conv.weight.dtype)
+        coeffs, l1_coeffs, l2_coeffs = kernels.haar_pyramid(x, causal_pad=first, dtype=self.conv_out.conv.weight.dtype,
+                                                            memory_format=conv_layout(self.down1[0].weight))
         h = self.down1(coeffs, cache)
         h = self.down2(torch.cat([h, self.connect_l1(l1_coeffs)], dim=1), cache)   # energy flow, level 1
         h = self.mid(torch.cat([h, self.connect_l2(l2_coeffs)], dim=1), cache)     # energy flow, level 2
-        moments = self.conv_out(self.norm_out(h, silu=True), cache)
+        moments = self.conv_out.of_norm(self.norm_out, h, cache)
         return (moments, l1_coeffs, l2_coeffs) if coefficients else moments

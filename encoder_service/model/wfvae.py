@@ -53,7 +53,7 @@ class WFVAE(nn.Module):
         if chunk_frames is None:
             return DiagonalGaussian(self.encoder(x))
         stream = EncoderStream(self, chunk_frames)
-        posterior = stream.push(x)
+        posterior = stream.encode(x, last=True)
         stream.close()
         return posterior
 
@@ -93,7 +93,13 @@ class EncoderStream:
         self.cache, self.pending, self.frames_in = CausalCache(), None, 0
 
     @torch.no_grad()
-    def push(self, frames: torch.Tensor) -> DiagonalGaussian | None:
+    def push(self, frames: torch.Tensor, last: bool = False) -> DiagonalGaussian | None:
+        """last=True: these are the clip's last frames (its last chunk keeps no causal context)."""
+        return self.encode(frames, last)
+
+    def encode(self, frames: torch.Tensor, last: bool = False) -> DiagonalGaussian | None:
+        """push() without its no_grad wrapper (which torch.compile cannot trace through when called
+        from inside an already no_grad WFVAE.encode)."""
         frames = check_video(frames, self.vae.dtype, whole_clip=False)
         x = frames if self.pending is None else torch.cat([self.pending, frames], dim=2)
         out = []
@@ -103,6 +109,7 @@ class EncoderStream:
             n = min(usable // 4 * 4, self.chunk_frames) + (1 if first else 0)
             if usable < 0 or n == 0:
                 break
+            self.cache.last = last and x.shape[2] - n < 4  # no frames left for another chunk
             out.append(self.vae.encoder(x[:, :, :n], self.cache))
             x, self.frames_in = x[:, :, n:], self.frames_in + n
         self.pending = x if x.shape[2] else None
@@ -165,8 +172,8 @@ def check_video(x: torch.Tensor, dtype: torch.dtype, whole_clip: bool = True) ->
         return x  # [0, 255] frames: mapped to [-1, 1] inside the wavelet pyramid, no float copy
     if not x.is_floating_point():
         raise ValueError(f"WF-VAE expects float video in [-1, 1] or uint8 frames in [0, 255], got {x.dtype}")
-    if x.numel():
-        lo, hi = x.aminmax()
+    if x.numel() and not torch.compiler.is_compiling():  # a data-dependent branch: compiled callers check
+        lo, hi = x.aminmax()                               # before (the engine does, on the host)
         if lo < -1.001 or hi > 1.001:
             raise ValueError(f"WF-VAE expects values in [-1, 1], got [{lo.item():.3g}, {hi.item():.3g}]: "
                              "map [0, 1] with 2x - 1, or pass [0, 255] frames as uint8")
