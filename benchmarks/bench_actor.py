@@ -75,7 +75,8 @@ def unit_table(shape, clips_per_unit: int) -> "object":
     frames = rng.integers(0, 256, (clips_per_unit, *shape, 3), dtype=np.uint8)
     for i in range(clips_per_unit):
         clip = Clip(f"shard-000000/v{i:03d}/0", "s3://in/shard-000000.tar", f"v{i:03d}", 0, list(range(shape[0])),
-                    30.0, 30.0, [720, 1280], 0, [0, 0, shape[1], shape[2]], f"{shape[0]}x{shape[1]}x{shape[2]}", "{}")
+                    30.0, 30.0, [720, 1280], 0, [0, 0, shape[1], shape[2]], f"{shape[0]}x{shape[1]}x{shape[2]}", "{}",
+                    None, None)
         rows += list(builder.add(clip, frames[i]))
     rows += list(builder.flush())
     assert len(rows) == 1, f"{len(rows)} units: the unit plan split the clips"

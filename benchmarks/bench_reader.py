@@ -10,11 +10,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from benchmarks.common import environment, write_json
-from encoder_service.records import LatentRow
-from encoder_service.shards import LatentShardDataset, StagingWriter, commit_shard, encode_tensor
+from encoder_service.records import DataFile, LatentRow, Manifest, RunMeta, ShardStats
+from encoder_service.shards import SCHEMA_VERSION, LatentShardDataset, StagingWriter, commit_shard, encode_tensor
 from encoder_service.storage import filesystem
 
-RUN = {"vae_name": "bench", "vae_sha256": "0" * 64, "precision": "bf16", "pipeline_version": "bench"}
+RUN = RunMeta("bench", "0" * 64, "bf16", "bench", [1.0] * 16, [0.0] * 16, "bench")
 
 
 def make_shards(directory: str, shards: int, rows: int, shape: tuple[int, ...]) -> int:
@@ -26,11 +26,12 @@ def make_shards(directory: str, shards: int, rows: int, shape: tuple[int, ...]) 
         for i in range(rows):
             mean = encode_tensor(torch.randn(shape, generator=g).bfloat16())
             records.append(LatentRow(f"{s:06d}/{i:06d}/0", "bench", str(i), 0, list(range(33)), 30.0, 30.0,
-                                     [256, 256], 0, [0, 0, 256, 256], "33x256x256", "null", mean, mean, list(shape),
-                                     "bfloat16", RUN["vae_name"], RUN["vae_sha256"], [1.0] * shape[0],
-                                     [0.0] * shape[0], RUN["precision"], RUN["pipeline_version"]))
-        commit_shard(fs, root, f"{s:06d}", {0: writer.write(f"{s:06d}", 0, records)}, [], RUN,
-                     {"clips": rows, "latents": rows})
+                                     [256, 256], 0, [0, 0, 256, 256], "33x256x256", "null", None, None, mean, mean,
+                                     list(shape), "bfloat16", RUN.vae_name, RUN.vae_sha256, [1.0] * shape[0],
+                                     [0.0] * shape[0], RUN.precision, RUN.pipeline_version))
+        manifest = Manifest(SCHEMA_VERSION, f"{s:06d}", "bench", RUN, "bench", None, rows, rows, {}, 0, ShardStats(),
+                            [], [], DataFile("", 0, 0, ""))
+        commit_shard(fs, root, manifest, {0: writer.write(f"{s:06d}", 0, records)}, [])
     return 2 * torch.Size(shape).numel() * 2  # mean + logvar, bf16
 
 

@@ -1,5 +1,6 @@
-"""Command line: `python -m encoder_service reconstruct|encode VIDEO --checkpoint PATH ...` and
-`python -m encoder_service inspect OUTPUT` (also installed as `wfvae`)."""
+"""Command line: `python -m encoder_service reconstruct|encode VIDEO --checkpoint PATH ...`,
+`python -m encoder_service inspect OUTPUT` and `python -m encoder_service pack SRC OUT` (also
+installed as `wfvae`)."""
 import argparse
 import json
 import os
@@ -9,7 +10,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from encoder_service import options
+from encoder_service import options, pack
 from encoder_service.ingest.decoders import VideoError, get_decoder, probe
 from encoder_service.ingest.geometry import plan_geometry
 from encoder_service.model import WFVAE, CheckpointError
@@ -42,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--s3-endpoint-url")
     i.add_argument("--examples", type=int, default=3, help="example messages per ledger reason")
     i.add_argument("--json", action="store_true", help="the report as JSON")
+    pack.add_parser(sub)
     return p
 
 
@@ -99,6 +101,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "inspect":
         return inspect_command(args)
+    if args.command == "pack":
+        return pack.run(args)
     try:
         vae = WFVAE.from_pretrained(args.checkpoint, config=args.config, dtype=args.dtype, device=args.device)
         frames, indices, clip_fps = load_clip(args)

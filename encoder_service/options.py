@@ -64,7 +64,8 @@ def format_dims(dims) -> str:
 
 @dataclass(frozen=True)
 class ClipMode:
-    """Which clips of a video: first | all (non-overlapping from the start) | uniform:N | random:N."""
+    """Which clips of a video: first | all (non-overlapping from the start) | uniform:N | random:N |
+    spans (one clip per time span listed in the sample's JSON)."""
     kind: str
     count: int | None = None
 
@@ -76,11 +77,11 @@ def clip_mode(text) -> ClipMode:
     if isinstance(text, ClipMode):
         return text
     kind, _, count = str(text).partition(":")
-    if kind in ("first", "all") and not count:
+    if kind in ("first", "all", "spans") and not count:
         return ClipMode(kind)
     if kind in ("uniform", "random") and count.isdigit() and int(count) >= 1:
         return ClipMode(kind, int(count))
-    raise OptionError(f"clips per video must be first, all, uniform:N or random:N (N >= 1), got {text!r}")
+    raise OptionError(f"clips per video must be first, all, uniform:N, random:N (N >= 1) or spans, got {text!r}")
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,8 @@ class Clip:
     crop_box: list[int]           # top, left, height, width in the resized, displayed frame
     bucket: str                   # TxHxW
     metadata: str                 # pass-through sample metadata (caption, json) as JSON
+    span: list[float] | None      # --clips-per-video spans: the span's [start, end] seconds, else null
+    caption: str | None           # the span's caption (--captions-field), else null
 
 
 @dataclass(frozen=True)

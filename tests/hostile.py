@@ -31,17 +31,19 @@ def _add(tar, name: str, data: bytes = b"", kind=tarfile.REGTYPE, link: str = ""
 
 
 def hostile_shard(path: Path, media: Path) -> dict:
-    """Write the shard; returns {"good": sample keys that must give clips, "ledger": {key: reason}
-    of the rows that must appear (each exactly once)}. Clips of 9 frames at 32x32, max 200x200 px."""
+    """Write the shard; returns {"good": sample keys that must give clips, "ledger": sorted (key,
+    reason) pairs of the rows that must appear (each exactly once)}. Clips of 9 frames at 32x32, max 200x200 px."""
     good = write_video(media / "good.mp4", frames=12, h=48, w=64).read_bytes()
     other = write_video(media / "other.webm", frames=12, h=48, w=64, codec="libvpx-vp9").read_bytes()
     portrait = write_video(media / "portrait.mp4", frames=12, h=48, w=64, rotation=90).read_bytes()
     spliced = write_size_change_video(media / "spliced.ts", (48, 64), (480, 640), frames=6).read_bytes()
     nested = ("[" * 100000 + "]" * 100000).encode()
     expected = {"good": {"good", "nested_json", "bad_tag", "caf%E9-clip", "dup", "dup#2", "twovideos", "portrait"},
-                "ledger": {"unknown_codec": "unsupported_codec", "bad": "corrupt", "bad#2": "corrupt",
-                           "twovideos.webm": "extra_video_member", "alias.mp4": "link_member",
-                           "hardalias.mp4": "link_member", "spliced/0": "too_large", "(shard)": "truncated_shard"}}
+                "ledger": sorted({"unknown_codec": "unsupported_codec", "bad": "corrupt", "bad#2": "corrupt",
+                                  "twovideos.webm": "extra_video_member", "alias.mp4": "link_member",
+                                  "hardalias.mp4": "link_member", "spliced/0": "too_large",
+                                  "(shard)": "truncated_shard"}.items())
+                + [("bad#2", "unsorted_tar"), ("dup#2", "unsorted_tar")]}  # keys seen again: said so
     with tarfile.open(path, "w", format=tarfile.GNU_FORMAT, encoding="utf-8", errors="surrogateescape") as tar:
         _add(tar, "good.mp4", good)
         _add(tar, "good.json", json.dumps({"caption": "fine"}).encode())

@@ -30,7 +30,7 @@ def unit_tables(n_units: int, clips: int = 5, shape=(9, 32, 40)) -> list[pa.Tabl
         rows = []
         for i in range(clips):
             clip = Clip(f"shard-{u:06d}/v{i}/0", "x.tar", f"v{i}", 0, list(range(shape[0])), 30.0, 30.0,
-                        list(shape[1:]), 0, [0, 0, *shape[1:]], "x".join(map(str, shape)), "{}")
+                        list(shape[1:]), 0, [0, 0, *shape[1:]], "x".join(map(str, shape)), "{}", None, None)
             rows += list(builder.add(clip, rng.integers(0, 256, (*shape, 3), dtype=np.uint8)))
         rows += list(builder.flush())
         tables.append(to_table(rows, StageRow))

@@ -91,3 +91,11 @@ def test_ingest_benchmark_smoke(tmp_path):
     assert {r["decoder"] for r in payload["records"]} == {"pyav", "decord"}
     assert all(r["ours_fps"] > 0 and r["ffmpeg_fps_without_startup"] > 0 and r["ratio"] > 0 for r in payload["records"])
     assert (tmp_path / "ingest.png").exists()
+
+
+def test_reader_benchmark_smoke(tmp_path):
+    env = {**os.environ, "WFVAE_BENCH_RESULTS": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-m", "benchmarks.bench_reader", "--shards", "1", "--rows", "8",
+                             "--workers", "0"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "reader_cpu.json").read_text())

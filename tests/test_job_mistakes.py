@@ -46,7 +46,7 @@ def base(shard, out):
     ("--num-frames", "16", "4k\\+1"),
     ("--size", "100x100", "multiples of 8"),
     ("--size", "256", "HxW"),
-    ("--clips-per-video", "2", "first, all, uniform:N or random:N"),
+    ("--clips-per-video", "2", r"first, all, uniform:N, random:N \(N >= 1\) or spans"),
     ("--precision", "fp16", "precision must be one of"),
     ("--chunk-frames", "6", "multiple of 4"),
     ("--batch-size", "0", "batch size must be in"),

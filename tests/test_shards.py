@@ -30,7 +30,7 @@ SHAPES = [(16, 9, 4, 4), (16, 1, 8, 6), (8, 5, 2, 4)]
 
 def latent_row(key, mean, logvar) -> LatentRow:
     return LatentRow(key, "s3://in/shard-000.tar", key.split("/")[1], 0, list(range(33)), 30.0, 30.0, [720, 1280], 0,
-                     [0, 80, 256, 256], "33x256x256", json.dumps({"caption": key}), encode_tensor(mean),
+                     [0, 80, 256, 256], "33x256x256", json.dumps({"caption": key}), None, None, encode_tensor(mean),
                      None if logvar is None else encode_tensor(logvar), list(mean.shape), dtype_name(mean.dtype),
                      RUN.vae_name, RUN.vae_sha256, [0.18215] * mean.shape[0], [0.0] * mean.shape[0],
                      RUN.precision, RUN.pipeline_version)

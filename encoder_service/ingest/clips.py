@@ -17,7 +17,7 @@ import numpy as np
 
 from encoder_service.ingest.decoders import VideoError, get_decoder, probe
 from encoder_service.ingest.geometry import plan_geometry
-from encoder_service.ingest.sampling import SampleError, SamplingConfig, choose_bucket, plan_clips
+from encoder_service.ingest.sampling import SampleError, SamplingConfig, SpanClip, choose_bucket, plan_clips, plan_spans
 from encoder_service.ingest.tar_stream import (
     Problem,
     Sample,
@@ -109,10 +109,17 @@ def _sample_clips(sample: Sample, shard_id: str, url: str, cfg: SamplingConfig, 
     stage.name = "sample"
     try:
         bucket = choose_bucket(cfg, info.display_hw)
-        plans = plan_clips(cfg, info.num_frames, info.timestamps, key, bucket[0])
+        chosen = _choose(cfg, info, sample, key, bucket[0])
     except SampleError as exc:
         yield LedgerRow(key, url, "sample", exc.reason, f"{where}: {exc}")
         return
+    for c in chosen:
+        if c.problem is not None:  # a span that yields no clip: its own row, the others go on
+            yield LedgerRow(f"{key}/{c.index}", url, "sample", c.problem.reason, f"{where}: {c.problem}")
+    chosen = [c for c in chosen if c.problem is None]
+    if not chosen:
+        return
+    plans = [c.frames for c in chosen]  # every clip of the video, spans included, in one decoding pass
     stage.name = "decode"
     geometry = plan_geometry((info.height, info.width), info.rotation, bucket[1:])
     metadata = json.dumps({**sample.metadata, **({"notes": sample.notes} if sample.notes else {})})
@@ -121,12 +128,21 @@ def _sample_clips(sample: Sample, shard_id: str, url: str, cfg: SamplingConfig, 
         for i, frames in decoder.clips(sample.video_path, info, plans, geometry, cfg.max_pixels):
             done.add(i)
             now = time.perf_counter()
-            clip = Clip(f"{key}/{i}", url, sample.key, i, [int(v) for v in plans[i]], info.fps,
+            c = chosen[i]
+            clip = Clip(f"{key}/{c.index}", url, sample.key, c.index, [int(v) for v in plans[i]], info.fps,
                         cfg.fps or info.fps / cfg.stride, list(info.display_hw), info.rotation,
-                        list(geometry.crop_box), format_dims(bucket), metadata)
+                        list(geometry.crop_box), format_dims(bucket), metadata,
+                        list(c.span) if c.span is not None else None, c.caption)
             yield IngestedClip(clip, frames, now - last)
             last = now
     except VideoError as exc:
         for i in range(len(plans)):
             if i not in done:
-                yield ledger(f"{key}/{i}", "decode", exc)
+                yield ledger(f"{key}/{chosen[i].index}", "decode", exc)
+
+
+def _choose(cfg: SamplingConfig, info, sample: Sample, key: str, clip_frames: int) -> list[SpanClip]:
+    if cfg.clips.kind == "spans":
+        return plan_spans(cfg, info.timestamps, sample.metadata, clip_frames)
+    plans = plan_clips(cfg, info.num_frames, info.timestamps, key, clip_frames)
+    return [SpanClip(i, None, None, frames) for i, frames in enumerate(plans)]

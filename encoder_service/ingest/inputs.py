@@ -5,6 +5,7 @@ S3, size and mtime locally) come from one listing per input folder, narrowed to 
 prefix of the names asked for there, so a million named shards cost about a thousand requests.
 """
 import posixpath
+import re
 import sys
 from collections import Counter, defaultdict
 
@@ -14,7 +15,7 @@ from encoder_service.ingest.tar_stream import shard_id_of
 from encoder_service.records import InputIdentity
 from encoder_service.storage import StorageOptions, filesystem, glob_urls, is_local, is_s3, list_prefix, scrub
 
-SHARD_SUFFIXES = (".tar",)
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")  # what webdataset reads (gzip streamed: tarfile "r|*")
 
 
 class InputError(ValueError):
@@ -36,15 +37,26 @@ def expand_inputs(patterns: list[str], storage: StorageOptions | None = None) ->
                 urls.append(url)
     for url in urls:
         if not url.endswith(SHARD_SUFFIXES):
-            raise InputError(f"--input {url} is not a WebDataset shard (a .tar file); pack videos into tar "
-                             "shards, e.g. with webdataset.TarWriter")
-    urls = list(dict.fromkeys(urls))
+            raise InputError(f"--input {url} is not a WebDataset shard (.tar, .tar.gz or .tgz); pack videos into "
+                             "shards with `python -m encoder_service pack SRC OUT`")
+    urls = list(dict.fromkeys(normalise(u) for u in urls))
     counts = Counter(shard_id_of(u) for u in urls)
     dupes = sorted(i for i, n in counts.items() if n > 1)
     if dupes:
         raise InputError(f"input shards share output names {dupes[:5]}: shard ids come from file names, "
                        "so shards in different folders must have different names")
     return urls
+
+
+def normalise(url: str) -> str:
+    """One spelling per local file (`dir//./x.tar` is `dir/x.tar`), so the same shard named twice is
+    encoded once. Object-store keys are kept as given: `a//b` and `a/b` are different S3 objects."""
+    scheme, sep, path = url.rpartition("://")
+    if sep and scheme != "file":
+        return url
+    path = re.sub(r"/+", "/", path)
+    path = re.sub(r"(?:^|(?<=/))\./", "", path) or "."
+    return f"{scheme}{sep}{path}"
 
 
 def input_identities(urls: list[str], storage: StorageOptions | None) -> dict[str, InputIdentity]:

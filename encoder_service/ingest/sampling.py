@@ -29,6 +29,8 @@ class SamplingConfig:
     size: tuple[int, int] | None = (256, 256)
     buckets: tuple[tuple[int, int, int], ...] = field(default=())  # (T, H, W); nearest aspect wins
     max_pixels: int = 3840 * 2160      # refuse larger videos from the header, before decoding
+    spans_field: str = "clips"         # clips "spans": the sample JSON's list of [start, end] spans
+    captions_field: str | None = None  # ... and its list of one caption per span
 
     def __post_init__(self):  # values built in code get the same checks as options
         options.frames(self.num_frames)
@@ -102,3 +104,90 @@ def _select(cfg, candidates, key):
         return [candidates[round(i * (len(candidates) - 1) / (n - 1))] for i in range(n)]
     seed = int.from_bytes(hashlib.sha256(f"{cfg.seed}/{key}".encode()).digest()[:8], "little")
     return [candidates[i] for i in sorted(random.Random(seed).sample(range(len(candidates)), n))]
+
+
+# ---- clips from time spans in the sample's metadata (--clips-per-video spans) ----------------------
+@dataclass(frozen=True)
+class SpanClip:
+    """A clip to take (or, with `problem`, one that cannot be taken). Other modes: span None."""
+    index: int                         # the clip index (the span's position in the sample's list)
+    span: tuple[float, float] | None   # seconds
+    caption: str | None
+    frames: list[int] | None = None    # None: the span yields no clip, `problem` says why
+    problem: SampleError | None = None
+
+
+def plan_spans(cfg: SamplingConfig, timestamps: np.ndarray, metadata: dict, clip_frames: int) -> list[SpanClip]:
+    """One clip per span of the sample's JSON (`cfg.spans_field`), its frames sampled inside the
+    span from its start (by --fps, else every --stride-th frame); a span too short for a clip, or
+    outside the video, gets its problem instead. A SampleError when the sample has no usable list."""
+    if not cfg.fps and is_variable_rate(timestamps):
+        raise SampleError("variable_frame_rate", "variable frame rate: frame-stride sampling would warp time; "
+                                                 "sample with --fps instead, or re-encode at constant rate")
+    spans = read_spans(metadata, cfg.spans_field)
+    captions = read_captions(metadata, cfg.captions_field, len(spans))
+    t = timestamps - timestamps[0]
+    return [_span_clip(cfg, t, i, span, captions[i], clip_frames) for i, span in enumerate(spans)]
+
+
+def _span_clip(cfg, t: np.ndarray, i: int, span, caption, clip_frames: int) -> SpanClip:
+    start, end = span
+    where = f"span {i} [{start:.3f}, {end:.3f}]s"
+    if start >= t[-1] + 1e-6 or end <= start:
+        return SpanClip(i, span, caption, problem=SampleError(
+            "span_outside_video", f"{where} is empty or starts after the video ends ({t[-1]:.3f}s)"))
+    end = min(end, float(t[-1]))
+    if cfg.fps:
+        targets = start + np.arange(clip_frames) / cfg.fps
+        frames = np.clip(np.searchsorted(t, targets + 1e-6, side="right") - 1, 0, len(t) - 1)
+        enough = targets[-1] <= end + 1e-6
+        need = f"{(clip_frames - 1) / cfg.fps:.3f}s"
+    else:
+        first = int(np.searchsorted(t, start - 1e-6))
+        frames = first + np.arange(clip_frames) * cfg.stride
+        enough = frames[-1] < len(t) and t[frames[-1]] <= end + 1e-6
+        need = f"{(clip_frames - 1) * cfg.stride + 1} frames"
+    if not enough:
+        return SpanClip(i, span, caption, problem=SampleError(
+            "span_too_short", f"{where} (within the video: up to {end:.3f}s) is shorter than a clip "
+                              f"({need}); lower --num-frames or --stride, or raise --fps"))
+    return SpanClip(i, span, caption, frames=[int(f) for f in frames])
+
+
+def read_spans(metadata: dict, field_name: str) -> list[tuple[float, float]]:
+    """[[start, end], ...] in seconds, numbers or "H:MM:SS.mmm" strings (Panda-70M)."""
+    value = metadata.get("json", {}).get(field_name) if isinstance(metadata.get("json"), dict) else None
+    if not isinstance(value, list) or not value:
+        raise SampleError("no_spans", f"its JSON has no list of spans under {field_name!r} (--spans-field); "
+                                      "expected [[start, end], ...] in seconds or \"H:MM:SS.mmm\"")
+    spans = []
+    for i, pair in enumerate(value):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
+            raise SampleError("bad_spans", f"span {i} of {field_name!r} is {pair!r}, not [start, end]")
+        spans.append((seconds(pair[0], i, field_name), seconds(pair[1], i, field_name)))
+    return spans
+
+
+def read_captions(metadata: dict, field_name: str | None, n: int) -> list[str | None]:
+    if field_name is None:
+        return [None] * n
+    value = metadata["json"].get(field_name)
+    if not isinstance(value, list) or len(value) != n or not all(isinstance(c, str) for c in value):
+        got = f"{len(value)} entries" if isinstance(value, list) else type(value).__name__
+        raise SampleError("bad_captions", f"{field_name!r} (--captions-field) must be a list of {n} strings, one "
+                                          f"per span; got {got}")
+    return value
+
+
+def seconds(value, i: int, field_name: str) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0:
+        return float(value)
+    if isinstance(value, str):
+        parts = value.strip().split(":")
+        try:
+            numbers = [float(p) for p in parts]
+        except ValueError:
+            numbers = []
+        if 1 <= len(numbers) <= 3 and all(math.isfinite(x) and x >= 0 for x in numbers):
+            return sum(x * 60 ** k for k, x in enumerate(reversed(numbers)))
+    raise SampleError("bad_spans", f"span {i} of {field_name!r}: {value!r} is not seconds or \"H:MM:SS.mmm\"")

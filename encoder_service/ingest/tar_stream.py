@@ -90,7 +90,10 @@ def split_key(name: str) -> tuple[str, str]:
 
 def shard_id_of(url: str) -> str:
     base = posixpath.basename(url.rstrip("/"))
-    return base[:-4] if base.endswith(".tar") else base
+    for suffix in (".tar.gz", ".tgz", ".tar"):  # (gzipped shards are read as a stream by tarfile "r|*")
+        if base.endswith(suffix):
+            return base[:-len(suffix)]
+    return base
 
 
 class _HeaderWatch(tarfile.TarInfo):
@@ -141,6 +144,8 @@ def iter_samples(url: str, storage: StorageOptions | None = None, spool_dir: str
                 if current is None:
                     seen[key] = seen.get(key, 0) + 1
                     current = Sample(key if seen[key] == 1 else f"{key}#{seen[key]}", base_key=key)
+                    if seen[key] > 1:
+                        yield _split_sample(url, current.key, key)
                 _take_member(tar, member, ext, current, spool, url)
             header_problem = getattr(tar, "header_problem", None)
         if current is not None:  # complete: the problem, if any, is in a later header
@@ -163,6 +168,13 @@ def iter_samples(url: str, storage: StorageOptions | None = None, spool_dir: str
                                "retried by the next run") from exc
     finally:
         shutil.rmtree(spool, ignore_errors=True)
+
+
+def _split_sample(url: str, key: str, base: str) -> Problem:
+    return Problem(key, "unsorted_tar", f"{url}:{base}: members of sample {base} are not next to each other "
+                   f"(more of them follow other samples), so they form a separate sample {key}, as webdataset "
+                   "groups them too; the tar was not written in name order: repack it with `tar --sort=name` "
+                   "or `python -m encoder_service pack`")
 
 
 def _kind(member: tarfile.TarInfo) -> str:

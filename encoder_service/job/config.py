@@ -37,8 +37,9 @@ def option(default, help, parse=None, many=False):
 
 @dataclass
 class JobConfig:
-    input: list[str] = option(list, "WebDataset shard URLs or patterns (local, s3://, fsspec; brace ranges like "
-                              "shard-{000000..000999}.tar)", str, many=True)
+    input: list[str] = option(list, "WebDataset shards (.tar, .tar.gz, .tgz; local, s3://, fsspec; brace ranges "
+                              "like shard-{000000..000999}.tar). A sample's json/txt members are kept up to 1 MiB "
+                              "each (a larger caption is noted and ignored)", str, many=True)
     output: str = option("", "output folder: latents/, errors/, manifests, summary.json", str)
     checkpoint: str = option("", "WF-VAE checkpoint folder or weights file", str)
     model_config: str | None = option(None, "model config preset or config.json, if none sits next to the "
@@ -50,8 +51,13 @@ class JobConfig:
     fps: float | None = option(None, "resample clips to this frame rate (by timestamp; handles variable frame "
                                "rate)", _number(float, 1e-3, 1000, "fps"))
     stride: int = option(1, "else take every n-th frame", _number(int, 1, 1000, "stride"))
-    clips_per_video: options.ClipMode = option(options.ClipMode("first"), "first | all | uniform:N | random:N",
-                                               options.clip_mode)
+    clips_per_video: options.ClipMode = option(options.ClipMode("first"), "first | all | uniform:N | random:N | "
+                                               "spans (one clip per [start, end] span in the sample's JSON, see "
+                                               "--spans-field)", options.clip_mode)
+    spans_field: str = option("clips", "with --clips-per-video spans: the JSON key of the spans, [[start, end], "
+                              "...] in seconds or \"H:MM:SS.mmm\" (Panda-70M: timestamp)", str)
+    captions_field: str | None = option(None, "with --clips-per-video spans: the JSON key of one caption per span "
+                                        "(Panda-70M: caption); stored in each latent row", str)
     seed: int = option(0, "seed for random clip choice", _number(int, 0, 2 ** 63, "seed"))
     min_duration: float = option(0.0, "refuse videos shorter than this (seconds)",
                                  _number(float, 0, 1e6, "min duration"))
@@ -115,6 +121,9 @@ class JobConfig:
     qa_fraction: float = option(0.002, "fraction of clips re-encoded in fp32 and decoded for the quality report",
                                 _number(float, 0, 1, "qa fraction"))
     ray_address: str | None = option(None, "Ray cluster address (default: RAY_ADDRESS or a local cluster)", str)
+    stop_grace_s: float = option(30.0, "on SIGTERM/SIGINT: seconds to finish the commits under way before "
+                                 "stopping at once (the pod's termination grace must cover it)",
+                                 _number(float, 0, 3600, "stop grace seconds"))
     progress_every_s: float = option(10.0, "seconds between progress lines (without a terminal)",
                                      _number(float, 0.1, 86400, "progress interval"))
     metrics_linger_s: float = option(12.0, "seconds the driver waits at the end so Ray exports the last metric "
@@ -123,7 +132,8 @@ class JobConfig:
     def sampling(self) -> SamplingConfig:
         return SamplingConfig(num_frames=self.num_frames, fps=self.fps, stride=self.stride,
                               clips=self.clips_per_video, seed=self.seed, min_duration=self.min_duration,
-                              size=self.size, buckets=tuple(self.buckets), max_pixels=self.max_pixels)
+                              size=self.size, buckets=tuple(self.buckets), max_pixels=self.max_pixels,
+                              spans_field=self.spans_field, captions_field=self.captions_field)
 
     def storage(self) -> StorageOptions:
         return StorageOptions(endpoint_url=self.s3_endpoint_url, connect_timeout_s=self.store_connect_timeout_s,
@@ -137,6 +147,8 @@ class JobConfig:
         return {"checkpoint_sha256": checkpoint_sha256, "model": model, "num_frames": self.num_frames,
                 "size": options.format_dims(self.size), "buckets": [options.format_dims(b) for b in self.buckets],
                 "fps": self.fps, "stride": self.stride, "clips_per_video": str(self.clips_per_video),
+                **({"spans_field": self.spans_field, "captions_field": self.captions_field}
+                   if self.clips_per_video.kind == "spans" else {}),
                 "seed": self.seed, "min_duration": self.min_duration, "max_pixels": self.max_pixels,
                 "decoder": self.decoder, "precision": options.precision(self.precision).label,
                 "store_logvar": self.store_logvar}

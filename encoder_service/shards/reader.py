@@ -116,7 +116,8 @@ class LatentShardDataset(IterableDataset):
         item = {"key": row["key"], "mean": mean, "logvar": logvar, "latent_shape": tuple(shape),
                 "latent_dtype": stored, "metadata": json.loads(row["metadata"] or "null"),
                 "scale": torch.tensor(row["scale"]), "shift": torch.tensor(row["shift"]),
-                **{k: row[k] for k in _PROVENANCE}, "run": run_meta}
+                **{k: row[k] for k in _PROVENANCE}, "span": row.get("span"), "caption": row.get("caption"),
+                "run": run_meta}  # (span and caption: absent from files written before them)
         item["latent"] = self._sample(row["key"], mean, logvar) if self.sample else mean
         return item
 
