@@ -49,8 +49,8 @@ DEFINITIONS = {
     "wfvae_job_shards_planned": ("gauge", "Shards this run has to encode", ()),
     "wfvae_job_progress_ratio": ("gauge", "Fraction of planned shards finished (done or failed)", ()),
     "wfvae_job_eta_seconds": ("gauge", "Estimated seconds until the run finishes", ()),
-    "wfvae_job_runs": ("counter", "Finished runs by outcome: succeeded, failed (a shard failed or the run raised)",
-                       ("outcome",)),
+    "wfvae_job_runs": ("counter", "Finished runs by outcome: succeeded, failed (a shard failed or the run raised), "
+                       "interrupted (SIGTERM/SIGINT)", ("outcome",)),
     "wfvae_latent_channel_mean": ("gauge", "This run's per-channel mean of the latent means or logvars",
                                   ("tensor", "channel")),
     "wfvae_latent_channel_std": ("gauge", "This run's per-channel standard deviation of the latent means or logvars",

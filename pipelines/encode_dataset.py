@@ -7,7 +7,8 @@
 
 Argument parsing and wiring only; the logic lives in encoder_service.job.
 Exit status: 0 done, 1 some shards failed (retried by the next run) or the run could not finish,
-2 a mistake in the options or paths (found before Ray starts).
+2 a mistake in the options or paths (found before Ray starts), 143 / 130 stopped by SIGTERM /
+SIGINT (the commits under way finished; the next run does the rest).
 """
 import sys
 from pathlib import Path
@@ -31,11 +32,16 @@ def main(argv=None) -> int:
             dry_run(cfg)
             return 0
         from encoder_service.job.run import JobFailed, run_job
+        from encoder_service.job.stop import Interrupted
         try:
             record = run_job(cfg)
         except JobFailed as exc:
             print(f"encode_dataset.py: the run failed: {exc}", file=sys.stderr)
             return 1
+        except Interrupted as exc:
+            print(f"encode_dataset.py: {exc}: the commits under way finished; the next run does the rest",
+                  file=sys.stderr)
+            return exc.exit_code
     except (JobError, InputError) as exc:
         print(f"encode_dataset.py: error: {exc}", file=sys.stderr)
         return 2

@@ -262,7 +262,7 @@ def test_without_num_gpus_a_cluster_without_gpus_encodes_on_the_cpu_and_says_so(
                             env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "the cluster has no GPU: encoding on the CPU" in result.stdout
+    assert "the cluster has no GPU and no autoscaler that adds any: encoding on the CPU" in result.stdout
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["last_run"]["config"]["num_gpus"] == 0
 
 

@@ -12,10 +12,12 @@ job options: {"kill_after_calls": N, "kill_marker": PATH} kills an actor once af
 RuntimeError on the first K attempts of that unit (a line in PATH for each), as the call starts
 or, with "raise_stage": "write", while its data file is written (beside the model); {"nan_keys": TEXT}
 turns the frames of clips whose key contains TEXT into NaN (an input problem: those clips become
-ledger rows). They combine.
+ledger rows); {"hold_after_calls": N, "hold_until": PATH} makes every call after an actor's N-th
+wait until PATH exists (a stalled device: the run makes no progress while it waits). They combine.
 """
 import json
 import os
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,6 +57,8 @@ class Injection:
     times: int = 0
     raise_stage: str = "start"   # start | write
     nan_keys: str | None = None
+    hold_after_calls: int | None = None
+    hold_until: str | None = None
 
     @classmethod
     def from_env(cls) -> "Injection | None":
@@ -68,6 +72,9 @@ class Injection:
             os._exit(1)
         if self.raise_stage == "start":
             self.maybe_raise(unit_key, registry)
+        if self.hold_after_calls is not None and calls > self.hold_after_calls:
+            while not os.path.exists(self.hold_until):
+                time.sleep(0.05)
 
     def before_write(self, unit_key: str, registry) -> None:
         """Called as a unit's data file is about to be written."""

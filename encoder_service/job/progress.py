@@ -1,7 +1,9 @@
 """Progress while the job runs: a tqdm bar of clips encoded (clips/s, ETA) on a terminal, a line
 every few seconds otherwise (job logs), and the progress/ETA gauges for Grafana. Counts move as each
 unit comes back, not only when a shard commits."""
+import contextlib
 import sys
+import threading
 import time
 
 from encoder_service import metrics
@@ -42,6 +44,33 @@ class Progress:
         elif time.time() - self.last_print >= self.every_s:
             print(self.line(t), flush=True)
             self.last_print = time.time()
+
+    @contextlib.contextmanager
+    def heartbeat(self, totals):
+        """While the run waits for results, a line still comes every `every_s` (without a terminal),
+        saying what it waits for: a run that makes no progress is seen to make none."""
+        done = threading.Event()
+
+        def beat():
+            while not done.wait(self.every_s):
+                if self.bar is None and time.time() - self.last_print >= self.every_s:
+                    t = totals()
+                    print(f"{self.line(t)}; waiting for {self.waiting_for(t)}", flush=True)
+                    self.last_print = time.time()
+
+        thread = threading.Thread(target=beat, name="wfvae-progress", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+
+    def waiting_for(self, t: Totals) -> str:
+        if not t.shards_ingested and not t.clips_encoded:
+            return "the first shard to be read and decoded (ingest tasks starting, or a slow input store)"
+        if not t.clips_encoded:
+            return "the first encoder results (encoder actors starting: model load, GPUs the cluster may lack)"
+        return "encoder results"
 
     def line(self, t: Totals) -> str:
         elapsed = max(1e-9, time.time() - self.started)

@@ -22,9 +22,10 @@ from encoder_service.ingest.clips import IngestConfig
 from encoder_service.job import faults
 from encoder_service.job.config import JobConfig, to_json
 from encoder_service.job.driver import Driver, Totals
-from encoder_service.job.plan import Plan, prepare
+from encoder_service.job.plan import JobError, Plan, clean_leftovers, prepare
 from encoder_service.job.progress import Progress
 from encoder_service.job.stages import EncoderSpec, EncodeUnits, ingest_shards
+from encoder_service.job.stop import Interrupted, StopSignals
 from encoder_service.job.summary import folder_after_run, write_records
 from encoder_service.job.unit_encoder import UNITS_IN_FLIGHT
 from encoder_service.job.units import MAX_UNIT_FRAME_BYTES, UnitPlan
@@ -75,16 +76,23 @@ def encoder_resources(cfg: JobConfig, plan: Plan) -> dict:
 
 def run_job(cfg: JobConfig) -> dict:
     """Plan (JobError before Ray), run, write the folder summary; the outcome is counted in
-    `wfvae_job_runs_total`, then the driver lingers so Ray's metrics agent exports the last values."""
+    `wfvae_job_runs_total`, then the driver lingers so Ray's metrics agent exports the last values.
+    SIGTERM/SIGINT stop the run cleanly (job/stop.py): the record says "interrupted", then
+    Interrupted is raised. Ray is stopped at the end if this call started it."""
     plan = prepare(cfg)
-    outcome, logging_config = "failed", None
+    outcome, logging_config, started_ray = "failed", None, False
+    stop = StopSignals(cfg.stop_grace_s, at_once=plan.lease.release)
     try:
         print(plan.line(), flush=True)
         if not ray.is_initialized():
             ray.init(address=cfg.ray_address, ignore_reinit_error=True, log_to_driver=True, logging_level="ERROR")
+            started_ray = True
         logging_config = _quiet_ray_data_console()
-        record = _run(resolve_gpus(cfg), plan)
-        outcome = "failed" if record["shards_failed"] else "succeeded"
+        with stop:  # installed after ray.init, whose own handlers it replaces for the run
+            record = _run(resolve_gpus(cfg), plan, stop)
+        outcome = "interrupted" if record["interrupted"] else "failed" if record["shards_failed"] else "succeeded"
+        if record["interrupted"]:
+            raise Interrupted(stop.signum)
         return record
     finally:
         plan.lease.release()
@@ -92,22 +100,43 @@ def run_job(cfg: JobConfig) -> dict:
             os.environ.pop("RAY_DATA_LOGGING_CONFIG", None)
             logging_config.unlink(missing_ok=True)
         metrics.inc("wfvae_job_runs", outcome=outcome)
-        time.sleep(cfg.metrics_linger_s)
+        time.sleep(0 if outcome == "interrupted" else cfg.metrics_linger_s)
+        if started_ray:
+            ray.shutdown()
 
 
 def resolve_gpus(cfg: JobConfig) -> JobConfig:
-    """--num-gpus as given, or (not given) every GPU the cluster has now: none means CPU encoding,
-    said in one line. An explicit number the cluster lacks waits for an autoscaler, also said."""
-    gpus = int(ray.cluster_resources().get("GPU", 0))
+    """--num-gpus as given, or (not given) the GPUs the cluster has, or will have when its
+    autoscaler can add GPU nodes; none means CPU encoding, said in one line. An explicit number
+    beyond what the cluster has and its autoscaler can reach is a JobError (exit 2) in seconds."""
+    gpus, reachable = int(ray.cluster_resources().get("GPU", 0)), autoscaler_max_gpus()
     if cfg.num_gpus is None:
-        print(f"[plan] encoding on the cluster's {gpus} GPU(s)" if gpus else "[plan] the cluster has no GPU: "
-              "encoding on the CPU (pass --num-gpus N to wait for GPU nodes an autoscaler adds)", flush=True)
+        if not gpus and reachable:
+            gpus = reachable if reachable < sys.maxsize else 1  # an unbounded group: one; --num-gpus N for more
+            print(f"[plan] no GPU yet; the autoscaler can add {reachable if reachable < sys.maxsize else 'more'}: "
+                  f"encoding on {gpus} GPU(s) as they come (--num-gpus N for another number)", flush=True)
+        else:
+            print(f"[plan] encoding on the cluster's {gpus} GPU(s)" if gpus else "[plan] the cluster has no GPU "
+                  "and no autoscaler that adds any: encoding on the CPU", flush=True)
         return dataclasses.replace(cfg, num_gpus=gpus)
+    if cfg.num_gpus > max(gpus, reachable or 0):
+        raise JobError(f"--num-gpus {cfg.num_gpus}: the cluster has {gpus} GPU(s) and "
+                       f"{'its autoscaler can reach ' + str(reachable) if reachable else 'no autoscaler to add any'}; "
+                       f"pass --num-gpus {gpus} (or leave it out{', or 0 to encode on the CPU' if not gpus else ''})")
     if cfg.num_gpus > gpus:
         print(f"[plan] --num-gpus {cfg.num_gpus}, the cluster has {gpus} GPU(s) now: encoder actors wait for the "
-              "rest (an autoscaler adds GPU nodes; without one pass --num-gpus 0, or leave it out)",
-              file=sys.stderr, flush=True)
+              "autoscaler to add the rest", file=sys.stderr, flush=True)
     return cfg
+
+
+def autoscaler_max_gpus() -> int:
+    """GPUs the cluster's autoscaler can reach (its node groups' max counts, as Ray Data reads
+    them); 0 without an autoscaler (a local or fixed cluster)."""
+    try:
+        reachable = ray._private.state.state.get_max_resources_from_cluster_config()
+    except Exception:  # noqa: BLE001 - an older or different Ray: as if there were no autoscaler
+        return 0
+    return int((reachable or {}).get("GPU", 0) or 0)
 
 
 def _quiet_ray_data_console() -> Path | None:
@@ -131,20 +160,28 @@ def _quiet_ray_data_console() -> Path | None:
     return path
 
 
-def _run(cfg: JobConfig, plan: Plan) -> dict:
+def _run(cfg: JobConfig, plan: Plan, stop: StopSignals) -> dict:
     progress = Progress(len(plan.todo), cfg.progress_every_s)
     driver = Driver(plan, progress.update, cfg.commit_threads)
     metrics.inc("wfvae_shards", plan.skipped, status="skipped")
     metrics.set_gauge("wfvae_job_shards_planned", len(plan.todo))
+    interrupted = None
     try:
         if plan.todo:
-            _consume(build_dataset(cfg, plan, faults.make_registry()), driver)
+            with progress.heartbeat(lambda: driver.totals):
+                _consume(build_dataset(cfg, plan, faults.make_registry()), driver, stop)
+    except Interrupted as exc:
+        interrupted = exc
     finally:
-        driver.close()
-    failed = {**driver.totals.failed, **driver.unfinished()}
+        driver.close()  # the commits under way finish (or the grace period ends the process)
+    if interrupted:  # the commits are done: what staging holds is of shards this run will not commit
+        clean_leftovers(plan.fs, plan.root)  # (what an actor still writes after this: the next run's)
+    failed = {**driver.totals.failed, **({} if interrupted else driver.unfinished())}
     progress.close(driver.totals)
     folder = folder_after_run(plan, driver.run, driver.committed)
-    record = {**_run_record(cfg, plan, driver.totals, failed, progress), "quality": driver.quality()}
+    record = {**_run_record(cfg, plan, driver.totals, failed, progress), "quality": driver.quality(),
+              "interrupted": interrupted is not None,
+              "shards_left_for_next_run": len(plan.todo) - driver.totals.shards_done - len(failed)}
     write_records(plan.fs, plan.root, folder, record)
     print("[summary] " + scrub(json.dumps({k: record[k] for k in ("shards_done", "shards_skipped", "shards_failed",
                                                                    "clips", "latents", "errors", "clips_per_s")})),
@@ -168,14 +205,23 @@ def _print_quality(quality: dict) -> None:
               "(meaningful for trained weights only)", flush=True)
 
 
-def _consume(ds, driver: Driver) -> None:
+def _consume(ds, driver: Driver, stop: StopSignals) -> None:
+    """Rows into the driver until the stream ends; a stop signal ends it only while waiting for
+    the next batch (stop.waiting), never in the middle of a row."""
+    batches = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
     try:
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        while True:
+            with stop.waiting():
+                batch = next(batches, None)
+            if batch is None:
+                return
             driver.totals.driver_bytes += batch.nbytes
             for row in from_table(batch, StageRow):
                 driver.add(row)
     except ray.exceptions.RayError as exc:
         raise JobFailed(_root_cause(exc)) from exc
+    finally:
+        getattr(batches, "close", lambda: None)()  # a stopped run: Ray Data's executor shuts down
 
 
 def _root_cause(exc: BaseException) -> str:

@@ -1,0 +1,168 @@
+"""A night that meets faults: SIGTERM and SIGINT to a real run stop it cleanly (exit 143 / 130, the
+run record says interrupted, the lease released, nothing of ours left in $TMPDIR or staging) and
+the rerun completes the folder byte for byte as a clean run; a second signal stops at once; a
+hanging input store fails its shards within the bound; --num-gpus that no GPU can satisfy is one
+line in seconds."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from conftest import GOLDEN
+from test_job_mistakes import silent_server
+
+from encoder_service.job.config import load_config
+from encoder_service.job.faults import ENV as FAULTS
+from encoder_service.job.run import run_job
+from encoder_service.samples import write_tar, write_video
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = ["--checkpoint", str(GOLDEN / "weights.safetensors"), "--num-frames", "9", "--size", "32x32",
+        "--precision", "fp32", "--batch-size", "2", "--metrics-linger-s", "0"]
+ARGS = [*BASE, "--num-gpus", "0"]
+SHARDS = 6
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> str:
+    """Six shards of one video each (one unit, one encoder call per shard)."""
+    d = tmp_path_factory.mktemp("stops")
+    for s in range(SHARDS):
+        video = write_video(d / f"{s}.mp4", frames=12 + s, h=32, w=40)
+        write_tar(d / f"shard-{s:06d}.tar", [("v", {"mp4": video.read_bytes(), "json": b'{"caption": "c"}'})])
+    return f"{d}/shard-{{000000..{SHARDS - 1:06d}}}.tar"
+
+
+def files(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for folder in ("latents", "errors", "_manifests")
+            for p in sorted((out / folder).iterdir())}
+
+
+def wait_for(condition, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def lease_released(out: Path) -> bool:
+    newest = max((out / "_lease").iterdir(), key=lambda p: int(p.stem))
+    return json.loads(newest.read_text())["released"]
+
+
+@pytest.mark.usefixtures("local_ray")
+def test_sigterm_stops_cleanly_and_the_rerun_completes_the_folder(inputs, tmp_path):
+    clean = tmp_path / "clean"
+    run_job(load_config(["--input", inputs, "--output", str(clean), *ARGS, "--progress-every-s", "1000"]))
+
+    out, hold = tmp_path / "out", tmp_path / "release-the-device"
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+           FAULTS: json.dumps({"hold_after_calls": 4, "hold_until": str(hold)})}
+    run = subprocess.Popen([sys.executable, "pipelines/encode_dataset.py", "--input", inputs, "--output", str(out),
+                            *ARGS, "--progress-every-s", "1", "--ray-address", "local"], cwd=ROOT, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        # a shard committed, then the device stalls: the actor's calls (a unit, then its shard's end
+        # row, each shard; at most 3 at once) after the 4th wait, so at least one shard completes first
+        wait_for(lambda: (out / "_manifests").is_dir() and any((out / "_manifests").iterdir()), 240,
+                 "a committed shard")
+        sent = time.time()
+        run.send_signal(signal.SIGTERM)
+        stdout, stderr = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+    assert run.returncode == 143, stderr[-3000:]
+    assert time.time() - sent < 45  # the 30 s grace, and Ray stopping
+    assert "[stop] SIGTERM" in stderr and "stopped by SIGTERM" in stderr and "Traceback" not in stderr
+    record = json.loads(next((out / "_runs").iterdir()).read_text())
+    done = record["shards_done"]
+    assert record["interrupted"] is True and done == len(list((out / "_manifests").iterdir())) >= 1
+    assert record["shards_left_for_next_run"] == SHARDS - done and record["shards_failed"] == 0
+    assert lease_released(out)
+    staged = [str(p.relative_to(out)) for p in (out / "_staging").rglob("*") if p.is_file()]
+    assert not staged, staged
+    assert not (Path(tempfile.gettempdir()) / f"wfvae-ray-data-logging-{run.pid}.yaml").exists()  # $TMPDIR
+
+    summary = run_job(load_config(["--input", inputs, "--output", str(out), *ARGS, "--progress-every-s", "1000"]))
+    assert summary["shards_done"] == SHARDS - done and summary["shards_skipped"] == done
+    assert files(out) == files(clean)
+
+
+def test_a_run_that_makes_no_progress_still_says_so(capsys):
+    from encoder_service.job.driver import Totals
+    from encoder_service.job.progress import Progress
+    progress, totals = Progress(3, every_s=0.05, terminal=False), Totals()
+    with progress.heartbeat(lambda: totals):
+        wait_for(lambda: "waiting for the first shard" in capsys.readouterr().out, 10, "a progress line")
+        totals.shards_ingested = 1
+        wait_for(lambda: "waiting for the first encoder results" in capsys.readouterr().out, 10, "a progress line")
+
+
+STOPPER = """
+import signal, sys, threading, time
+from encoder_service.job.stop import Interrupted, StopSignals
+stop = StopSignals({grace}, at_once=lambda: print("released", flush=True))
+with stop:
+    try:
+        with stop.waiting():
+            print("waiting", flush=True)
+            threading.Event().wait()        # the run waits for results
+    except Interrupted:
+        print("interrupted", flush=True)
+        threading.Event().wait()            # the commits under way never finish
+"""
+
+
+@pytest.mark.parametrize("second, grace, code", [(True, 600, 130), (False, 1, 130)], ids=["second-signal", "grace"])
+def test_a_second_signal_or_the_end_of_the_grace_stops_at_once(second, grace, code):
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(STOPPER.format(grace=grace))], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "waiting"
+    proc.send_signal(signal.SIGINT)
+    assert proc.stdout.readline().strip() == "interrupted"
+    if second:
+        proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == code and out.strip() == "released"
+    assert ("a second SIGINT" if second else "1 s of grace over") in err and "Traceback" not in err
+
+
+@pytest.mark.usefixtures("local_ray")
+def test_a_hanging_input_store_fails_its_shards_within_the_bound(inputs, tmp_path, monkeypatch):
+    """Shards on a store that accepts connections and never answers fail (uncommitted, listed);
+    the local ones are encoded; the run ends within the timeouts."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    local = inputs.replace(f"{{000000..{SHARDS - 1:06d}}}", "000000")
+    with silent_server() as hung:
+        start = time.time()
+        summary = run_job(load_config(["--input", local, "s3://bucket/hung-000000.tar", "--output",
+                                       str(tmp_path / "out"), *ARGS, "--progress-every-s", "1000",
+                                       "--s3-endpoint-url", hung, "--store-connect-timeout-s", "1",
+                                       "--store-read-timeout-s", "1", "--store-attempts", "1"]))
+    assert time.time() - start < 120
+    assert (summary["shards_done"], summary["shards_failed"]) == (1, 1)
+    assert "hung-000000" in summary["failed_shards"] and "retried by the next run" in summary["failed_shards"][
+        "hung-000000"]
+
+
+def test_num_gpus_no_gpu_can_satisfy_is_one_line_in_seconds(inputs, tmp_path):
+    start = time.time()
+    result = subprocess.run([sys.executable, "pipelines/encode_dataset.py", "--input", inputs, "--output",
+                             str(tmp_path / "out"), *BASE, "--num-gpus", "1", "--ray-address", "local"],
+                            cwd=ROOT, env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+                            capture_output=True, text=True, timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
+    assert "--num-gpus 1" in lines[0] and "no autoscaler" in lines[0] and "--num-gpus 0" in lines[0]
+    assert time.time() - start < 60
