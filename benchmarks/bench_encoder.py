@@ -112,15 +112,18 @@ def matmul_peak_tflops(device: str, dtype: torch.dtype) -> float:
 
 
 def count_flops(encode, frames) -> float:
-    with FlopCounterMode(display=False) as counter:
-        encode(frames)
+    with FlopCounterMode(display=False) as counter, torch.compiler.set_stance("force_eager"):
+        encode(frames)  # (a compiled encoder runs eagerly here: a dispatch mode cannot run compiled code)
     return float(counter.get_total_flops())
 
 
 def measure(encode, frames, device, args) -> dict:
     with torch.no_grad():
         seconds = median_time(lambda: encode(frames), device, args.warmup, args.repeats)
-        mem = peak_memory(lambda: encode(frames), device)
+        # the CPU's memory tracker is a dispatch mode too: a compiled encoder's peak is its eager one there
+        stance = "default" if device.startswith("cuda") else "force_eager"
+        with torch.compiler.set_stance(stance):
+            mem = peak_memory(lambda: encode(frames), device)
         flops = count_flops(encode, frames)
     batch = frames.shape[0]
     return {"latency_ms": seconds * 1e3, "latency_per_clip_ms": seconds * 1e3 / batch, "clips_per_s": batch / seconds,
