@@ -53,12 +53,17 @@ def memory_format(t: torch.Tensor) -> str:
     return "both" if last and std else "channels_last" if last else "contiguous" if std else "strided"
 
 
-def conversions(x: torch.Tensor, weight: torch.Tensor) -> int:
-    """How many operands of a convolution cuDNN would re-layout: it runs channels-last when either
-    operand is channels-last, standard otherwise, and copies the operand not already in that format."""
-    fx, fw = memory_format(x), memory_format(weight)
-    wanted = "channels_last" if "channels_last" in (fx, fw) else "contiguous"
-    return sum(f not in (wanted, "both") for f in (fx, fw))
+def run_format(fx: str, fw: str) -> str:
+    """The format cuDNN runs a convolution in (cudnn_conv_suggest_memory_format): channels-last
+    when the input or the weight is, standard otherwise."""
+    return "channels_last" if "channels_last" in (fx, fw) else "contiguous"
+
+
+def converted(fx: str, fw: str) -> tuple[bool, bool]:
+    """Whether cuDNN would re-layout the input, and the weight: each operand not already in the
+    format the convolution runs in is copied into it."""
+    wanted = run_format(fx, fw)
+    return fx not in (wanted, "both"), fw not in (wanted, "both")
 
 
 @dataclass
@@ -66,12 +71,12 @@ class Account:
     ops: Counter = field(default_factory=Counter)      # class -> ops
     bytes: Counter = field(default_factory=Counter)    # class -> bytes written
     by_op: Counter = field(default_factory=Counter)    # aten op -> bytes written
-    convs: list = field(default_factory=list)          # per conv: (input format, weight format, conversions)
+    convs: list = field(default_factory=list)          # per conv: (input format, weight format)
 
     @property
     def conv_input_conversions(self) -> int:
         """Convolutions whose (large) input is not in the format the conv runs in."""
-        return sum(1 for fx, fw, _ in self.convs if conversions_of_input(fx, fw))
+        return sum(converted(fx, fw)[0] for fx, fw in self.convs)
 
     def movement_ratio(self) -> float:
         return self.bytes["movement"] / max(1, self.bytes["conv"])
@@ -79,8 +84,7 @@ class Account:
     def summary(self) -> dict:
         return {"ops": dict(self.ops), "bytes": dict(self.bytes), "convolutions": len(self.convs),
                 "conv_input_conversions": self.conv_input_conversions,
-                "conv_weight_conversions": sum(1 for fx, fw, n in self.convs
-                                               if n and not conversions_of_input(fx, fw)),
+                "conv_weight_conversions": sum(converted(fx, fw)[1] for fx, fw in self.convs),
                 "movement_over_conv_bytes": round(self.movement_ratio(), 4),
                 "top_movement_ops": {k: v for k, v in self.by_op.most_common()
                                      if op_class(k) == "movement"}}
@@ -90,14 +94,9 @@ def cudnn_output_layout(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor
     """The conv output in the layout cuDNN gives it (channels-last when the input or the weight is:
     cudnn_conv_suggest_memory_format), which CPU kernels do not always do; not counted (a layout
     the GPU would produce directly)."""
-    if out.ndim == 5 and "channels_last" in (memory_format(x), memory_format(weight)):
+    if out.ndim == 5 and run_format(memory_format(x), memory_format(weight)) == "channels_last":
         return out.contiguous(memory_format=torch.channels_last_3d)
     return out
-
-
-def conversions_of_input(fx: str, fw: str) -> bool:
-    wanted = "channels_last" if "channels_last" in (fx, fw) else "contiguous"
-    return fx not in (wanted, "both")
 
 
 class OpBytes(TorchDispatchMode):
@@ -124,8 +123,7 @@ class OpBytes(TorchDispatchMode):
         self.account.bytes[cls] += written
         self.account.by_op[name] += written
         if cls == "conv":
-            x, w = args[0], args[1]
-            self.account.convs.append((memory_format(x), memory_format(w), conversions(x, w)))
+            self.account.convs.append((memory_format(args[0]), memory_format(args[1])))
 
     def kernel(self, outputs) -> None:
         """Count one Triton kernel launch writing `outputs`."""

@@ -86,7 +86,7 @@ def sample_key(relative: Path) -> str:
     return stem.replace(".", "_")
 
 
-def check_video(path: str) -> str | None:
+def unpackable(path: str) -> str | None:
     """Why this file cannot be packed, or None."""
     from encoder_service.ingest.decoders import VideoError, probe
     if not os.path.exists(path):
@@ -116,7 +116,7 @@ def pack(entries: list[Entry], out: str, max_count: int, max_size: int, storage:
     with webdataset.ShardWriter(posixpath.join(root, "shard-%06d.tar"), maxcount=max_count, maxsize=max_size,
                                 opener=opener, verbose=0, mtime=0.0) as writer:
         for entry in tqdm(entries, desc="pack", unit="video", disable=not progress, file=sys.stderr):
-            problem = check_video(entry.video)
+            problem = unpackable(entry.video)
             if problem is None and entry.key in seen:
                 problem = f"same key {entry.key!r} as {seen[entry.key]}; rename one of them"
             if problem:

@@ -1,5 +1,5 @@
 """Real local services for tests on 127.0.0.1: an S3-protocol server (moto in server mode), a Ray
-head started with `ray start`, Debian's Prometheus."""
+head started with `ray start`, Debian's Prometheus, a TCP server that never answers."""
 import contextlib
 import json
 import os
@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -168,3 +169,30 @@ def prometheus(config_file: str, data_dir: str):
         yield url
     finally:
         stop(proc)
+
+
+@contextlib.contextmanager
+def silent_server():
+    """A TCP server on 127.0.0.1 that accepts connections and never answers (a hung store)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    held, done = [], threading.Event()
+
+    def accept():
+        server.settimeout(0.2)
+        while not done.is_set():
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                continue
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    finally:
+        done.set()
+        thread.join()
+        for conn in held:
+            conn.close()
+        server.close()

@@ -1,19 +1,16 @@
 """Mistakes a user makes: each is one line and a non-zero exit, before Ray starts, in seconds, with
 no traceback. Option values are argparse usage errors (exit 2); paths and settings are checked by
 the job (exit 2 as well)."""
-import contextlib
 import json
 import re
-import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 from conftest import GOLDEN
-from services import free_port, s3_server  # noqa: F401
+from services import free_port, s3_server, silent_server  # noqa: F401
 
 from encoder_service.job.config import load_config
 from encoder_service.model import WFVAEConfig
@@ -113,33 +110,6 @@ def test_model_config_values_are_bounded_before_anything_is_built(tmp_path, caps
     checkpoint = str(tmp_path / "w.safetensors")
     assert main(["--input", "x.tar", "--output", str(tmp_path / "o"), "--checkpoint", checkpoint]) == 2
     assert f"{key}=" in capsys.readouterr().err
-
-
-@contextlib.contextmanager
-def silent_server():
-    """A TCP server on 127.0.0.1 that accepts connections and never answers (a hung store)."""
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(16)
-    held, stop = [], threading.Event()
-
-    def accept():
-        server.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                held.append(server.accept()[0])
-            except OSError:
-                continue
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.getsockname()[1]}"
-    finally:
-        stop.set()
-        thread.join()
-        for conn in held:
-            conn.close()
-        server.close()
 
 
 def test_an_output_store_that_refuses_hangs_or_has_no_credentials_is_one_line(shard, tmp_path, capsys,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import GOLDEN
-from test_job_mistakes import silent_server
+from services import silent_server
 
 from encoder_service.job.config import load_config
 from encoder_service.job.faults import ENV as FAULTS

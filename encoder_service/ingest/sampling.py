@@ -62,9 +62,7 @@ def plan_clips(cfg: SamplingConfig, num_frames: int, timestamps: np.ndarray, key
     if cfg.fps:
         candidates = _by_time(cfg, timestamps, clip_frames)
     else:
-        if is_variable_rate(timestamps):
-            raise SampleError("variable_frame_rate", "variable frame rate: frame-stride sampling would warp "
-                                                     "time; sample with --fps instead, or re-encode at constant rate")
+        _require_constant_rate(timestamps)
         span = (clip_frames - 1) * cfg.stride + 1
         candidates = [list(range(s, s + span, cfg.stride)) for s in range(0, num_frames - span + 1)]
     if not candidates:
@@ -81,9 +79,19 @@ def _by_time(cfg, timestamps, clip_frames):
     starts = t[t <= t[-1] - clip_len + 1e-6]
     out = []
     for start in starts:
-        targets = start + np.arange(clip_frames) / cfg.fps
-        out.append(np.clip(np.searchsorted(t, targets + 1e-6, side="right") - 1, 0, len(t) - 1).tolist())
+        out.append(_shown_at(t, start + np.arange(clip_frames) / cfg.fps).tolist())
     return out
+
+
+def _shown_at(t: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Index of the frame on screen at each target time (the latest one that started by then)."""
+    return np.clip(np.searchsorted(t, targets + 1e-6, side="right") - 1, 0, len(t) - 1)
+
+
+def _require_constant_rate(timestamps: np.ndarray) -> None:
+    if is_variable_rate(timestamps):
+        raise SampleError("variable_frame_rate", "variable frame rate: frame-stride sampling would warp "
+                                                 "time; sample with --fps instead, or re-encode at constant rate")
 
 
 def _select(cfg, candidates, key):
@@ -121,9 +129,8 @@ def plan_spans(cfg: SamplingConfig, timestamps: np.ndarray, metadata: dict, clip
     """One clip per span of the sample's JSON (`cfg.spans_field`), its frames sampled inside the
     span from its start (by --fps, else every --stride-th frame); a span too short for a clip, or
     outside the video, gets its problem instead. A SampleError when the sample has no usable list."""
-    if not cfg.fps and is_variable_rate(timestamps):
-        raise SampleError("variable_frame_rate", "variable frame rate: frame-stride sampling would warp time; "
-                                                 "sample with --fps instead, or re-encode at constant rate")
+    if not cfg.fps:
+        _require_constant_rate(timestamps)
     spans = read_spans(metadata, cfg.spans_field)
     captions = read_captions(metadata, cfg.captions_field, len(spans))
     t = timestamps - timestamps[0]
@@ -139,7 +146,7 @@ def _span_clip(cfg, t: np.ndarray, i: int, span, caption, clip_frames: int) -> S
     end = min(end, float(t[-1]))
     if cfg.fps:
         targets = start + np.arange(clip_frames) / cfg.fps
-        frames = np.clip(np.searchsorted(t, targets + 1e-6, side="right") - 1, 0, len(t) - 1)
+        frames = _shown_at(t, targets)
         enough = targets[-1] <= end + 1e-6
         need = f"{(clip_frames - 1) / cfg.fps:.3f}s"
     else:

@@ -56,6 +56,11 @@ class ConvInput:
             self.tensor[:, :, :, :h, w:].zero_()
 
 
+def copied(x: torch.Tensor):
+    """The producer (see ConvInput) of a tensor that already exists: copied into the buffer."""
+    return lambda out=None: x if out is None else out.copy_(x)
+
+
 class FrameConv2d(nn.Conv2d):
     """A 2D convolution applied to every frame on its own (keys `<name>.weight`, `.bias`)."""
 
@@ -85,7 +90,7 @@ class CausalConv3d(nn.Module):
     def forward(self, x, cache: CausalCache | None = None):
         if self.kernel_t == 1:
             return self.conv(x)
-        return self.fed(lambda out=None: x if out is None else out.copy_(x), x.shape, x, cache)
+        return self.fed(copied(x), x.shape, x, cache)
 
     def of_norm(self, norm: "ChannelNorm", x, cache=None):
         """conv(silu(norm(x))), the norm writing straight into this conv's input."""
@@ -213,7 +218,7 @@ class _Downsampler(nn.Module):
     lets the previous layer write the input into the padded buffer; forward(x) copies x there."""
 
     def forward(self, x, cache=None):
-        return self.fed(lambda out=None: x if out is None else out.copy_(x), x.shape, x, cache)
+        return self.fed(copied(x), x.shape, x, cache)
 
 
 class Downsample(_Downsampler):
