@@ -39,7 +39,7 @@ from encoder_service.job.units import UnitBuilder, UnitPlan
 from encoder_service.model import WFVAE, WFVAEConfig
 from encoder_service.quality import psnr, ssim
 from encoder_service.records import Clip, RunMeta, StageRow, to_table
-from encoder_service.shards.writer import StagingWriter
+from encoder_service.table.writer import StagingWriter
 from encoder_service.storage import filesystem
 
 LATENT_DIM = 16  # WF-VAE-L

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from benchmarks.common import environment, write_json
 from encoder_service.records import DataFile, LatentRow, Manifest, RunMeta, ShardStats
-from encoder_service.shards import SCHEMA_VERSION, LatentShardDataset, StagingWriter, commit_shard, encode_tensor
+from encoder_service.table import SCHEMA_VERSION, LatentShardDataset, StagingWriter, commit_shard, encode_tensor
 from encoder_service.storage import filesystem
 
 RUN = RunMeta("bench", "0" * 64, "bf16", "bench", [1.0] * 16, [0.0] * 16, "bench")

@@ -31,7 +31,7 @@ from encoder_service.job.config import fingerprint, load_config
 from encoder_service.job.driver import Driver
 from encoder_service.job.plan import model_identity, prepare
 from encoder_service.records import DataFile, ShardEnd, StageRow, UnitResult
-from encoder_service.shards import layout
+from encoder_service.table import layout
 from encoder_service.storage import StorageOptions, filesystem, join
 
 CKPT = str(Path(__file__).resolve().parents[1] / "tests" / "data" / "golden-small" / "weights.safetensors")

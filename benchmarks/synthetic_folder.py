@@ -10,8 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 from encoder_service import records
 from encoder_service.ingest.inputs import input_identities
 from encoder_service.records import ChannelStats, DataFile, Manifest, QaRow, RunMeta, ShardStats
-from encoder_service.shards import index, layout, totals
-from encoder_service.shards.schema import SCHEMA_VERSION
+from encoder_service.table import index, layout, totals
+from encoder_service.table.schema import SCHEMA_VERSION
 from encoder_service.storage import filesystem, is_local, join, list_prefix
 
 CHANNELS = 16

@@ -51,10 +51,11 @@ def inspect_command(args) -> int:
     from encoder_service.ingest.inputs import InputError
     from encoder_service.inspect import format_report, inspect_folder
     from encoder_service.storage import StorageOptions
+    from encoder_service.table.folder import FolderError
     try:
         report = inspect_folder(args.output, args.input, StorageOptions(endpoint_url=args.s3_endpoint_url),
                                 args.examples)
-    except InputError as exc:
+    except (InputError, FolderError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:

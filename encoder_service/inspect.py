@@ -1,49 +1,63 @@
 """`python -m encoder_service inspect OUTPUT` (or `wfvae inspect`): what an output folder holds.
 
-Shards done (a valid manifest), failed (the last run could not finish them), pending (in the
-input list, neither) and missing (in the input list, but the input does not exist), the ledger by
-stage and reason with example messages, the latent statistics, the last run's drift against the
-folder's history, the QA figures and the folder's settings. Read from the folder index, without a
-request per shard. Works on local and s3:// folders; `--json` for scripts."""
+Shards done (committed), failed (the last run could not finish them), pending (in the input list,
+neither) and missing (in the input list, but the input does not exist), the ledger by stage and
+reason with example messages, the latent statistics, the last run's drift against the folder's
+history, the QA figures and the folder's settings. Read from the folder's two Delta tables (their
+checkpoints and the commits after them), without a request per shard. Works on local and s3://
+folders; `--json` for scripts."""
 import json
 
-import pyarrow.parquet as pq
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from encoder_service.ingest.inputs import expand_inputs, input_identities
 from encoder_service.ingest.tar_stream import shard_id_of
-from encoder_service.shards import index as folder_index
-from encoder_service.shards import layout, totals
-from encoder_service.shards.manifest import ManifestUnreadable, read_manifest
-from encoder_service.storage import StorageOptions, filesystem, join, list_prefix
+from encoder_service.storage import StorageOptions
+from encoder_service.table import layout, totals
+from encoder_service.table.folder import Committed, FolderError, OutputFolder
 
 
-def _read_json(fs, path: str) -> dict | None:
+def _read_json(folder: OutputFolder, name: str) -> dict | None:
     try:
-        return json.loads(fs.cat_file(path))
-    except FileNotFoundError:
+        return json.loads(folder.fs.cat_file(folder.path(name)))
+    except (FileNotFoundError, ValueError):
         return None
+
+
+def open_folder(output: str, storage: StorageOptions | None = None) -> OutputFolder:
+    """The folder, or FolderError (one line) if it is not an output folder of this service."""
+    folder = OutputFolder(output, storage)
+    if folder.is_legacy():
+        raise FolderError(f"{output} was written before output folders became Delta tables; convert it with: "
+                          f"python -m encoder_service migrate {output}")
+    if not folder.is_table():
+        what = "does not exist" if not folder.fs.exists(folder.root) else "holds no Delta table (_delta_log/)"
+        raise FolderError(f"{output} {what}: not an output folder of this service")
+    return folder
 
 
 def inspect_folder(output: str, inputs: list[str] | None = None, storage: StorageOptions | None = None,
                    examples: int = 3) -> dict:
-    """Read only: the folder index (listings and its segments; manifests no segment covers are read
-    themselves), summary.json and a few ledger files for the examples."""
-    fs, root = filesystem(output, storage)
-    index = folder_index.scan(fs, root)
-    folder, _ = folder_index.folder_totals(fs, root, index)
-    done = set(index.shards)
-    summary = _read_json(fs, join(root, layout.SUMMARY)) or {}
-    last_run = summary.get("last_run", {})
+    """Read only: the folder's tables, _summary.json (the last run's failures and drift)."""
+    folder = open_folder(output, storage)
+    latents = folder.latents()
+    committed = Committed.read(folder, latents)
+    records = committed.records
+    done = set(records["shard_id"].to_pylist())
+    folder_totals = totals.records_totals(records)
+    last_run = (_read_json(folder, layout.SUMMARY) or {}).get("last_run", {})
     failed = {k: v for k, v in last_run.get("failed_shards", {}).items() if k not in done}
-    report = {"output": output, "settings": (_read_json(fs, join(root, layout.SETTINGS)) or {}).get("settings"),
-              "shards_done": sorted(done), "shards_failed": failed, **_folder_fields(folder),
-              "ledger": _ledger(fs, root, folder.ledger_reasons, examples),
+    settings = OutputFolder.settings(latents) or {}
+    report = {"output": output, "version": latents.version(), "settings": settings.get("settings"),
+              "shards_done": sorted(done), "shards_failed": failed, **_folder_fields(folder_totals),
+              "ledger": _ledger(records, folder_totals.ledger_reasons, examples),
               "last_run_drift": (last_run.get("quality") or {}).get("drift")}
     if inputs is not None:
         urls = expand_inputs(inputs, storage)
         present = input_identities(urls, storage)
-        waiting = [(u, shard_id_of(u)) for u in urls]
-        waiting = [(u, s) for u, s in waiting if s not in done and s not in failed]
+        waiting = [(u, s) for u, s in ((u, shard_id_of(u)) for u in urls) if s not in done and s not in failed]
         report["shards_pending"] = [s for u, s in waiting if u in present]
         report["shards_missing"] = [s for u, s in waiting if u not in present]
     return report
@@ -54,40 +68,28 @@ def _folder_fields(folder) -> dict:
     return {"clips": report["clips"], "latents": report["latents"], "stats": report["stats"], "qa": report["qa"]}
 
 
-def _ledger(fs, root: str, counts: dict, examples: int) -> dict:
-    """Rows by stage/reason over the folder (from the index), with up to `examples` messages each,
-    read from the ledger files of as few shards as it takes."""
-    found: dict[str, list] = {reason: [] for reason in counts}
-    wanted = {reason for reason in counts if examples}
-    for sid in _ledger_shards(fs, root):
-        if not wanted:
-            break
-        try:
-            manifest = read_manifest(fs, root, sid)
-        except ManifestUnreadable:
-            continue
-        if manifest is None or not wanted & set(manifest.ledger_reasons):
-            continue
-        with fs.open(join(root, manifest.errors.name), "rb") as f:
-            for row in pq.read_table(f, use_threads=False).to_pylist():
-                reason = f"{row['stage']}/{row['reason']}"
-                if reason in wanted:
-                    found[reason].append({"key": row["key"], "message": row["message"]})
-                    if len(found[reason]) >= examples:
-                        wanted.discard(reason)
-    return {reason: {"rows": counts[reason], "examples": found[reason]} for reason in sorted(counts)}
-
-
-def _ledger_shards(fs, root: str):
-    """Shards with a ledger file, listed from errors/ page by page (the caller stops early)."""
-    for entry in list_prefix(fs, join(root, layout.ERRORS)):
-        sid = layout.shard_of(entry.name)
-        if sid is not None:
-            yield sid
+def _ledger(records, counts: dict, examples: int) -> dict:
+    """Rows by stage/reason over the folder, with up to `examples` messages each, taken from the
+    ledgers of the first shards whose counts name the reason (one Arrow filter per reason)."""
+    out = {}
+    reasons = records["ledger_reasons"].combine_chunks()
+    offsets = reasons.offsets.to_numpy()
+    names, owners = reasons.keys, pa.array(np.repeat(np.arange(len(reasons)), np.diff(offsets)))
+    for reason in sorted(counts):
+        found = []
+        if examples:
+            rows = pc.unique(owners.filter(pc.equal(names, reason)))[:examples]
+            stage, why = reason.split("/", 1)
+            for ledger in records["ledger"].take(rows).to_pylist():
+                found += [{"key": r["key"], "message": r["message"]} for r in ledger
+                          if (r["stage"], r["reason"]) == (stage, why)][:examples - len(found)]
+        out[reason] = {"rows": counts[reason], "examples": found}
+    return out
 
 
 def format_report(report: dict) -> str:
-    lines = [f"{report['output']}: {len(report['shards_done'])} shards done, {len(report['shards_failed'])} failed"
+    lines = [f"{report['output']} (table version {report['version']}): {len(report['shards_done'])} shards done, "
+             f"{len(report['shards_failed'])} failed"
              + (f", {len(report['shards_pending'])} pending" if "shards_pending" in report else "")
              + (f", {len(report['shards_missing'])} missing" if report.get("shards_missing") else "")
              + f"; {report['latents']} latents of {report['clips']} clips"]

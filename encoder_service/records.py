@@ -11,14 +11,13 @@ of each is derived from its fields here, and so is the conversion to and from Ar
     UnitResult  encode -> driver: what one encoder call wrote (never the latents themselves)
     StageRow    the one row type of each stream between Ray stages (a unit, a result or an end)
 
-The output folder's bookkeeping (shards/layout.py), stored as JSON or in the folder index:
+The output folder's bookkeeping (table/layout.py), stored in its Delta tables:
     InputIdentity  what the input shard's store said of it when it was planned
     RunMeta        which VAE, weights, precision and settings made the latents
     ShardStats     per-channel sums of a shard's latent means and logvars
     QaSummary      a mergeable summary of QA rows (counts, sums, maxima, log-histograms)
-    Manifest       a shard's commit record, written last: its files, counts, statistics, QA
-    ShardRecord    a manifest's summary: one row of the folder index (planning and totals)
-    FolderTotals   totals over shards, merged one shard at a time (summary.json, inspect, drift)
+    ShardRecord    a committed shard: one row of the shards table (its files, ledger, counts, statistics, QA)
+    FolderTotals   totals over shards, merged one shard at a time (_summary.json, inspect, drift)
 """
 import dataclasses
 import functools
@@ -96,6 +95,8 @@ class DataFile:
     rows: int
     bytes: int
     sha256: str
+    first_key: str = ""           # the smallest and largest key it holds (rows are sorted by key): the
+    last_key: str = ""            # min/max statistics of its Delta add action
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,7 @@ class QaRow:
 @dataclass(frozen=True)
 class Sketch:
     """A mergeable summary of non-negative values: count, sum, max and a log-spaced histogram
-    (shards/totals.py: SKETCH_BINS_PER_DECADE bins per decade) for quantiles."""
+    (table/totals.py: SKETCH_BINS_PER_DECADE bins per decade) for quantiles."""
     count: int = 0
     total: float = 0.0
     max: float = 0.0
@@ -176,39 +177,25 @@ class ShardStats:
 
 
 @dataclass(frozen=True)
-class Manifest:
-    schema_version: str
+class ShardRecord:
+    """A committed shard, one row of the output folder's shards table (table/log.py): what it was made
+    from and with, what it holds, and its ledger. Committed right after the latents commit `commit`
+    that added its files; a shard's current record is its row with the largest `commit`."""
     shard_id: str
-    settings: str                 # the fingerprint of the latent-affecting settings
-    run: RunMeta
     source_url: str               # credentials scrubbed
-    input: InputIdentity | None   # None in folders written before schema 3
+    settings: str                 # the fingerprint of the latent-affecting settings
+    input: InputIdentity | None   # None in folders migrated from schema 2
+    checkpoint_sha256: str
     clips: int
     latents: int
     ledger_reasons: dict[str, int]   # "stage/reason" -> rows
     non_finite_rejected: int
-    stats: ShardStats
-    qa: list[QaRow]
-    files: list[DataFile]
-    errors: DataFile
-
-
-@dataclass(frozen=True)
-class ShardRecord:
-    """What planning and the folder's totals need of a manifest, one row of the folder index."""
-    shard_id: str
-    settings: str
-    input: InputIdentity | None
-    manifest_bytes: int           # size of the manifest this summarises: a rewritten one differs ...
-    manifest_tag: str             # ... or has another store tag
-    checkpoint_sha256: str
-    clips: int
-    latents: int
-    ledger_reasons: dict[str, int]
-    non_finite_rejected: int
     file_bytes: int
     stats: ShardStats
     qa: QaSummary
+    files: list[DataFile]         # its latent data files: exactly the latents table's files of this shard
+    ledger: list[LedgerRow]       # the samples and clips of the shard that gave no latent
+    commit: int = -1              # the latents table version that added its files
 
 
 @dataclass
@@ -306,6 +293,6 @@ def from_json(cls, data: bytes | str):
     return from_dict(cls, json.loads(data))
 
 
-__all__ = ["ChannelStats", "Clip", "DataFile", "FolderTotals", "InputIdentity", "LatentRow", "LedgerRow", "Manifest",
+__all__ = ["ChannelStats", "Clip", "DataFile", "FolderTotals", "InputIdentity", "LatentRow", "LedgerRow",
            "QaRow", "QaSummary", "RunMeta", "ShardEnd", "ShardRecord", "ShardStats", "Sketch", "StageRow", "Unit",
            "UnitResult", "from_dict", "from_json", "from_table", "schema", "to_json", "to_table"]

@@ -31,6 +31,24 @@ class StorageOptions:
             opts["client_kwargs"] = {**opts.get("client_kwargs", {}), "endpoint_url": self.endpoint_url}
         return opts
 
+    def for_delta(self, url: str) -> dict[str, str] | None:
+        """The same store as delta-rs (object_store) options: endpoint, credentials, timeouts, retries.
+        Credentials not given here come from the environment, as for s3fs."""
+        if not url.startswith(("s3://", "s3a://")):
+            return None
+        opts = {"timeout": f"{self.read_timeout_s:g}s", "connect_timeout": f"{self.connect_timeout_s:g}s",
+                "max_retries": str(self.attempts)}
+        if not (os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")):
+            opts["AWS_REGION"] = "us-east-1"
+        if self.endpoint_url:
+            opts["AWS_ENDPOINT_URL"] = self.endpoint_url
+            opts["AWS_ALLOW_HTTP"] = str(self.endpoint_url.startswith("http://")).lower()
+        for ours, theirs in (("key", "AWS_ACCESS_KEY_ID"), ("secret", "AWS_SECRET_ACCESS_KEY"),
+                             ("token", "AWS_SESSION_TOKEN")):
+            if self.extra.get(ours):
+                opts[theirs] = str(self.extra[ours])
+        return opts
+
 
 _USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s:@]+(:[^/\s@]*)?@")
 _SIGNED = re.compile(r"(?i)(?<=[?&;])(X-Amz-(?:Credential|Signature|Security-Token)|X-Goog-(?:Credential|Signature)|"

@@ -169,7 +169,7 @@ def test_span_mistakes_are_ledger_rows(videos, tmp_path):
 
 def test_spans_end_to_end_with_captions_in_the_latent_rows(panda_shard, tmp_path, local_ray):
     from encoder_service.job.run import run_job
-    from encoder_service.shards import LatentShardDataset
+    from encoder_service.table import LatentShardDataset
     out = tmp_path / "out"
     cfg = load_config(["--input", str(panda_shard), "--output", str(out), "--checkpoint",
                        str(GOLDEN / "weights.safetensors"), "--num-frames", "9", "--size", "32x32", "--fps", "8",

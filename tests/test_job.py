@@ -18,7 +18,7 @@ from encoder_service.job.config import load_config
 from encoder_service.job.faults import ENV as FAULTS
 from encoder_service.job.run import JobFailed, run_job
 from encoder_service.samples import write_tar, write_video
-from encoder_service.shards import LatentShardDataset, decode_tensor
+from encoder_service.table import LatentShardDataset, decode_tensor
 
 CKPT = str(GOLDEN / "weights.safetensors")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -363,7 +363,7 @@ def test_a_killed_driver_leaves_nothing_wrong_and_a_rerun_completes_identically(
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(30)
     from encoder_service.job.plan import clean_leftovers
-    from encoder_service.shards.manifest import list_manifests
+    from encoder_service.table.manifest import list_manifests
     from encoder_service.storage import filesystem
     committed = set(list_manifests(*filesystem(str(out))))  # (a manifest's temporary, if the kill hit one, is not one)
     assert committed, "the driver was killed after a commit"
@@ -372,7 +372,7 @@ def test_a_killed_driver_leaves_nothing_wrong_and_a_rerun_completes_identically(
     assert committed <= visible_shards(out) and len(visible_shards(out) - committed) <= 1
     clean_leftovers(*filesystem(str(out)))  # what the next run does first
     assert visible_shards(out) == committed
-    from encoder_service.shards.lease import Lease, LeaseError
+    from encoder_service.table.lease import Lease, LeaseError
     deadline = time.time() + 60
     while True:  # the killed driver's lease expires 4 s after its last renewal
         try:

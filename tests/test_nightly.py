@@ -19,9 +19,9 @@ from encoder_service.job.config import fingerprint, load_config
 from encoder_service.job.plan import JobError, model_identity, prepare
 from encoder_service.records import ChannelStats, FolderTotals
 from encoder_service.samples import write_tar, write_video
-from encoder_service.shards import index as folder_index
-from encoder_service.shards import layout, totals
-from encoder_service.shards.lease import Holder, Lease, LeaseError
+from encoder_service.table import index as folder_index
+from encoder_service.table import layout, totals
+from encoder_service.table.lease import Holder, Lease, LeaseError
 from encoder_service.storage import NotAtomic, filesystem, put_if_absent
 
 CKPT = str(GOLDEN / "weights.safetensors")
@@ -135,7 +135,7 @@ def test_totals_merged_per_shard_equal_totals_over_all_manifests(tmp_path):
     out = str(tmp_path / "out")
     synthetic_folder.write_committed(out, urls, "fp", synthetic_folder.run_meta("fp"))
     fs, root = filesystem(out)
-    from encoder_service.shards.manifest import read_manifest
+    from encoder_service.table.manifest import read_manifest
     manifests = [read_manifest(fs, root, u.rsplit("/", 1)[1][:-4]) for u in urls]
     merged = FolderTotals()
     for m in manifests:

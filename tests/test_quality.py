@@ -17,7 +17,7 @@ from encoder_service.job.qa import selected
 from encoder_service.job.run import run_job
 from encoder_service.records import ChannelStats
 from encoder_service.samples import write_tar, write_video
-from encoder_service.shards import decode_tensor, totals
+from encoder_service.table import decode_tensor, totals
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("local_ray")]
 

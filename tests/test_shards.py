@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from encoder_service.options import dtype_name
 from encoder_service.records import DataFile, LatentRow, LedgerRow, Manifest, RunMeta, ShardStats
-from encoder_service.shards import (
+from encoder_service.table import (
     SCHEMA_VERSION,
     LatentShardDataset,
     ShardError,

@@ -4,6 +4,7 @@ not parse is an argparse usage error: exit 2, one line, before anything starts."
 import argparse
 import hashlib
 import json
+import math
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
@@ -22,6 +23,8 @@ def _number(kind, lo=None, hi=None, what="value"):
             value = kind(text)
         except (TypeError, ValueError):
             raise options.OptionError(f"{what} must be a number, got {text!r}") from None
+        if not math.isfinite(value):
+            raise options.OptionError(f"{what} must be a finite number, got {text!r}")
         if (lo is not None and value < lo) or (hi is not None and value > hi):
             raise options.OptionError(f"{what} must be in [{lo}, {hi}], got {text!r}")
         return value
@@ -40,7 +43,7 @@ class JobConfig:
     input: list[str] = option(list, "WebDataset shards (.tar, .tar.gz, .tgz; local, s3://, fsspec; brace ranges "
                               "like shard-{000000..000999}.tar). A sample's json/txt members are kept up to 1 MiB "
                               "each (a larger caption is noted and ignored)", str, many=True)
-    output: str = option("", "output folder: latents/, errors/, manifests, summary.json", str)
+    output: str = option("", "output folder: a Delta Lake table of latents (local or s3://)", str)
     checkpoint: str = option("", "WF-VAE checkpoint folder or weights file", str)
     model_config: str | None = option(None, "model config preset or config.json, if none sits next to the "
                                       "checkpoint", str)
@@ -107,17 +110,27 @@ class JobConfig:
     dry_run: int | None = option(None, "encode N clips here, report rates and what to provision",
                                  _number(int, 1, 100000, "dry run clips"))
     verify_existing: str = option("none", "none | size | checksum: re-check the files of finished shards (size: "
-                                  "a HEAD and a footer read per file, checksum: every byte); none trusts their "
-                                  "manifests", options.choice(options.VERIFY, "verify"))
+                                  "a HEAD per file, checksum: every byte); none trusts the table's records",
+                                  options.choice(options.VERIFY, "verify"))
     input_identity: str = option("store", "store | sha256: how a changed input shard is told; store: its size and "
-                                 "ETag (S3) or mtime (local) from the listing; sha256: also its content's hash "
-                                 "(reads each new or store-changed input once more while planning)",
+                                 "ETag (S3) or mtime (local) from the listing; sha256: its content's hash (reads "
+                                 "every input once more while planning, so a rewrite with the same size and "
+                                 "mtime is seen)",
                                  options.choice(options.INPUT_IDENTITY, "input identity"))
     lease_ttl_s: float = option(600.0, "seconds after its last renewal (every ttl/4) that a run's lease on the "
                                 "output folder expires if its holder died; the next run then takes over",
                                 _number(float, 1, 86400, "lease ttl"))
-    commit_threads: int = option(16, "shards committed concurrently by the driver (each in order: data, ledger, "
-                                 "manifest last)", _number(int, 1, 256, "commit threads"))
+    break_lease: int | None = option(None, "take over the output folder's lease of this generation even if it looks "
+                                     "live (the number a refusal names): for a run that is gone",
+                                     _number(int, 1, 2 ** 62, "lease generation"))
+    commit_group_shards: int = option(64, "finished shards committed together in one Delta commit at most",
+                                      _number(int, 1, 100000, "commit group shards"))
+    commit_group_s: float = option(2.0, "seconds a finished shard waits for others to share its commit at most",
+                                   _number(float, 0, 3600, "commit group seconds"))
+    vacuum_retention_hours: int = option(168, "at the end of a run, data files no current table version "
+                                           "references are deleted once older than this (readers pinned to older "
+                                           "versions need their files: keep it above your longest training run)",
+                                           _number(int, 0, 10 ** 6, "vacuum retention hours"))
     qa_fraction: float = option(0.002, "fraction of clips re-encoded in fp32 and decoded for the quality report",
                                 _number(float, 0, 1, "qa fraction"))
     ray_address: str | None = option(None, "Ray cluster address (default: RAY_ADDRESS or a local cluster)", str)

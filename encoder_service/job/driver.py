@@ -1,30 +1,32 @@
-"""The driver's part: gather the small records per shard and commit each shard once all of it is in.
+"""The driver's part: gather the small records per shard, and commit finished shards in groups.
 
 The driver sees UnitResults (a data file's name, rows, bytes, checksum, statistics, ledger rows)
 and ShardEnds, never latents: per in-flight shard it holds one record per unit, a few hundred
 bytes plus its ledger rows. Records are keyed by (shard, unit), so a unit retried by Ray (after a
-lost node or actor) cannot be counted twice. A shard is committed when its end row and all its
-units are in and nothing failed; a shard whose input could not be read, or one of whose units
-failed for a reason that was not its input, is reported and left uncommitted for the next run.
+lost node or actor) cannot be counted twice. A shard is finished when its end row and all its
+units are in; one whose input could not be read, or one of whose units failed for a reason that
+was not its input, is reported and left uncommitted for the next run.
 
-Commits of different shards run concurrently in a bounded pool (within a shard: data, ledger,
-manifest last); what a commit leaves behind is merged here, one O(channels) step per shard, into
-the run's totals and the folder index. Nothing is kept per committed shard but its id.
+Finished shards wait in a group (at most --commit-group-shards, --commit-group-s) and a group is
+one commit of the folder's tables (table/folder.py), made by one commit thread while the next group
+fills: a commit costs a few requests whatever the group holds, so commits keep up with any number
+of encoders. What a commit leaves behind is merged here, O(channels) per shard, into the run's
+totals. Nothing is kept per committed shard but its id.
 """
 import functools
+import threading
 import time
+import uuid
 from collections import Counter
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from encoder_service import metrics
 from encoder_service.job.plan import Plan
-from encoder_service.records import DataFile, FolderTotals, Manifest, ShardEnd, ShardStats, StageRow, UnitResult
-from encoder_service.shards import totals
-from encoder_service.shards.index import IndexWriter
-from encoder_service.shards.schema import SCHEMA_VERSION
-from encoder_service.shards.writer import Committed, commit_shard, remove_staging
+from encoder_service.records import FolderTotals, ShardEnd, ShardRecord, ShardStats, StageRow, UnitResult
 from encoder_service.storage import scrub
+from encoder_service.table import totals
+from encoder_service.table.folder import ShardCommit
 
 
 @dataclass
@@ -61,19 +63,29 @@ class LeaseLost(RuntimeError):
 
 
 class Driver:
-    def __init__(self, plan: Plan, on_progress=None, commit_threads: int = 16):
+    def __init__(self, plan: Plan, on_progress=None, group_shards: int = 64, group_s: float = 2.0):
         self.plan, self.states, self.totals = plan, {}, Totals()
         self.committed: set[str] = set()
         self.run = FolderTotals()                          # the shards this run committed
+        self.run_id = uuid.uuid4().hex[:12]
         self.on_progress = on_progress or (lambda totals: None)
-        self.index = IndexWriter(plan.fs, plan.root, plan.index)
-        self.pool = ThreadPoolExecutor(commit_threads, thread_name_prefix="wfvae-commit")
-        self.inflight: dict[str, Future] = {}
-        self.max_inflight = 2 * commit_threads             # backpressure on the stream of results
+        self.group: list[ShardCommit] = []                 # finished shards waiting for their commit
+        self.group_since = 0.0
+        self.group_shards, self.group_s = group_shards, group_s
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="wfvae-commit")
+        self.inflight: tuple[list[ShardCommit], Future] | None = None
+        self.lock = threading.RLock()                      # add() and the heartbeat's tick()
 
     def add(self, row: StageRow) -> None:
+        with self.lock:
+            self._add(row)
+            self._reap(block=False)
+            self.tick()
+        self.on_progress(self.totals)
+
+    def _add(self, row: StageRow) -> None:
         sid = row.shard_id
-        if sid in self.committed or sid in self.totals.failed or sid in self.inflight:
+        if sid in self.committed or sid in self.totals.failed or sid in self.waiting():
             return  # a late copy (Ray re-ran a task whose output was lost with a node): already final
         state = self.states.setdefault(sid, ShardState())
         t = self.totals
@@ -88,67 +100,79 @@ class Driver:
             t.first_result = t.first_result or time.time()
         if state.finished():
             self._finish(sid, self.states.pop(sid))
-        self._reap(block=False)
-        self.on_progress(self.totals)
+
+    def waiting(self) -> set[str]:
+        """Shards finished and not yet committed (in the group or in the commit under way)."""
+        inflight = self.inflight[0] if self.inflight else []
+        return {c.record.shard_id for c in [*self.group, *inflight]}
 
     def _finish(self, sid: str, state: ShardState) -> None:
         failure = state.failure()
-        if failure is None and not self.plan.lease.valid():
-            failure = f"the run lost the output folder's lease ({self.plan.lease.lost}): not committed"
         if failure:
-            remove_staging(self.plan.fs, self.plan.root, sid)
-            self._failed(sid, failure)
-            return
-        while len(self.inflight) >= self.max_inflight:
-            self._reap(block=True)
-        ledger = list(state.end.ledger) + [row for i in sorted(state.results) for row in state.results[i].ledger]
-        self.inflight[sid] = self.pool.submit(self._commit, self._manifest(sid, state, ledger), state, ledger)
+            self._failed(sid, failure)  # its files stay unreferenced: vacuum's, never ours to delete (a
+            return                      # file named by its content may be the one the table holds now)
+        if not self.group:
+            self.group_since = time.monotonic()
+        self.group.append(ShardCommit(self._record(sid, state), self.plan.pending[sid].old))
 
-    def _manifest(self, sid: str, state: ShardState, ledger: list) -> Manifest:
-        """Everything of the shard's manifest but its files (the commit adds them)."""
+    def _record(self, sid: str, state: ShardState) -> ShardRecord:
         results = [state.results[i] for i in sorted(state.results)]
+        ledger = list(state.end.ledger) + [row for r in results for row in r.ledger]
         reasons = Counter(f"{row.stage}/{row.reason}" for row in ledger)
         stats = functools.reduce(totals.add_shard_stats, (ShardStats(r.mean_stats, r.logvar_stats) for r in results),
                                  ShardStats())
-        pending = self.plan.pending[sid]
-        return Manifest(SCHEMA_VERSION, sid, self.plan.fingerprint, self.plan.run_meta, scrub(state.end.source_url),
-                        pending.input, state.end.clips, sum(r.file.rows for r in results if r.file),
-                        dict(sorted(reasons.items())), reasons.get("encode/non_finite_latent", 0), stats,
-                        sorted((q for r in results for q in r.qa), key=lambda q: q.key), [], DataFile("", 0, 0, ""))
+        files = [r.file for r in results if r.file is not None]
+        return ShardRecord(sid, scrub(state.end.source_url), self.plan.fingerprint, self.plan.pending[sid].input,
+                           self.plan.run_meta.vae_sha256, state.end.clips, sum(f.rows for f in files),
+                           dict(sorted(reasons.items())), reasons.get("encode/non_finite_latent", 0),
+                           sum(f.bytes for f in files), stats,
+                           totals.qa_summary(sorted((q for r in results for q in r.qa), key=lambda q: q.key)),
+                           files, ledger)
 
-    def _commit(self, manifest: Manifest, state: ShardState, ledger: list) -> tuple[Committed, float]:
-        """In a commit thread: store requests only; the bookkeeping happens in _reap."""
+    def tick(self, force: bool = False) -> None:
+        """Commit the group when it is full, old enough, or (force) at the end; one commit at a time."""
+        with self.lock:
+            due = self.group and (force or len(self.group) >= self.group_shards
+                                  or time.monotonic() - self.group_since >= self.group_s)
+            if not due:
+                return
+            if self.inflight is not None:
+                if not force and len(self.group) < self.group_shards:
+                    return  # the group grows while the commit under way finishes
+                self._reap(block=True)
+            group, self.group = self.group, []
+            self.inflight = (group, self.pool.submit(self._commit, group))
+
+    def _commit(self, group: list[ShardCommit]) -> float:
+        """In the commit thread: store requests only; the bookkeeping happens in _reap."""
         start = time.perf_counter()
-        staged = {i: r.file for i, r in state.results.items() if r.file is not None}
-        committed = commit_shard(self.plan.fs, self.plan.root, manifest, staged, ledger,
-                                 replaces=self.plan.pending[manifest.shard_id].replaces, guard=self._guard)
-        return committed, time.perf_counter() - start
-
-    def _guard(self) -> None:
-        """Checked just before a manifest is written: never commit without the folder's lease."""
         if not self.plan.lease.valid():
             raise LeaseLost(f"the run lost the output folder's lease ({self.plan.lease.lost}): not committed")
+        self.plan.folder.commit(self.plan.latents, self.plan.shards, group, self.run_id)
+        return time.perf_counter() - start
 
     def _reap(self, block: bool) -> None:
-        if block and self.inflight:
-            wait(list(self.inflight.values()), return_when=FIRST_COMPLETED)
-        for sid in [s for s, f in self.inflight.items() if f.done()]:
-            try:
-                committed, seconds = self.inflight.pop(sid).result()
-            except Exception as exc:  # noqa: BLE001 - a store that fails after retries: the shard, not the run
-                self._failed(sid, scrub(str(exc)) if isinstance(exc, LeaseLost) else
-                             scrub(f"commit failed ({type(exc).__name__}: {exc}); the next run redoes it"))
-                continue
-            self._count(committed, seconds)
+        if self.inflight is None or not (block or self.inflight[1].done()):
+            return
+        group, future = self.inflight
+        self.inflight = None
+        try:
+            seconds = future.result()
+        except Exception as exc:  # noqa: BLE001 - a store that fails after retries: the shards, not the run
+            reason = scrub(str(exc)) if isinstance(exc, LeaseLost) else \
+                scrub(f"commit failed ({type(exc).__name__}: {exc}); the next run redoes it")
+            for c in group:
+                self._failed(c.record.shard_id, reason)
+            return
+        for c in group:
+            self._count(c.record, seconds / len(group))
 
     def _failed(self, sid: str, reason: str) -> None:
         self.totals.failed[sid] = reason
         metrics.inc("wfvae_shards", status="failed")
 
-    def _count(self, c: Committed, seconds: float) -> None:
-        record = totals.shard_record(c.manifest, c.manifest_bytes, c.manifest_tag)
+    def _count(self, record: ShardRecord, seconds: float) -> None:
         self.committed.add(record.shard_id)
-        self.index.add(record)
         totals.add_shard(self.run, record)
         t = self.totals
         t.shards_done, t.clips, t.latents = t.shards_done + 1, t.clips + record.clips, t.latents + record.latents
@@ -163,17 +187,15 @@ class Driver:
         self._report_quality()
 
     def drain(self) -> None:
-        """Wait for the commits under way."""
-        while self.inflight:
+        """Commit what is finished and wait for it."""
+        with self.lock:
+            self.tick(force=True)
             self._reap(block=True)
 
     def close(self) -> None:
-        """Wait for the commits under way and write the index rows not yet written."""
         self.drain()
         self.pool.shutdown()
-        self.index.flush()
         self.on_progress(self.totals)
-
     def quality(self) -> dict:
         """This run's latent statistics, their drift against the folder's history, and the QA figures."""
         return totals.quality_report(self.run, self.plan.history)

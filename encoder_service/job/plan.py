@@ -2,21 +2,23 @@
 the folder's lease is ours, the folder belongs to these settings, and which shards are left to do.
 A mistake here is a JobError: one line, exit 2, nothing started.
 
-Planning costs listings, not requests per shard: the folder's committed shards come from the
-folder index (shards/index.py), the inputs' identities from one listing per input folder (by the
-longest common prefix of the names asked for there), so a night over 10^6 shards of which most
-are done costs a few thousand requests. A shard is encoded when it is new, incomplete, made with
-other settings, or its input changed since it was committed (size and ETag or mtime differ; with
---input-identity sha256, also the content's hash). Data files are re-checked only under
---verify-existing.
+Planning reads logs and listings, not requests per shard: the folder's committed shards come from
+its two Delta tables (table/folder.py: each table's last checkpoint and the commits after it), the
+inputs' identities from one listing per input folder; the comparison of the two is Arrow joins and
+column arithmetic, not a Python loop per shard. A shard is encoded when it is new, not committed
+(its record and its latents disagree), made with other settings, or its input changed since it was
+committed (size and ETag or mtime differ; with --input-identity sha256, also the content's hash).
+Data files are re-checked only under --verify-existing.
 """
-import json
 import os
-import posixpath
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from deltalake import DeltaTable
 
 from encoder_service.ingest.inputs import expand_inputs, input_identities
 from encoder_service.ingest.tar_stream import shard_id_of
@@ -25,12 +27,10 @@ from encoder_service.model.checkpoint import CheckpointError, sha256_file
 from encoder_service.model.wfvae import check_weights_fit, resolve_checkpoint
 from encoder_service.options import precision
 from encoder_service.records import FolderTotals, InputIdentity, RunMeta
-from encoder_service.shards import index as folder_index
-from encoder_service.shards import layout, totals
-from encoder_service.shards.lease import Lease, LeaseError
-from encoder_service.shards.manifest import ManifestUnreadable, check_files, read_manifest
-from encoder_service.shards.writer import put_small
-from encoder_service.storage import StorageOptions, filesystem, is_local, join, list_prefix, scrub, sha256_of
+from encoder_service.storage import StorageOptions, filesystem, is_local, list_prefix, scrub, sha256_of
+from encoder_service.table import layout, totals
+from encoder_service.table.folder import Committed, FolderError, OutputFolder
+from encoder_service.table.lease import Lease, LeaseError
 
 _THREADS = 16  # concurrent requests where a request per shard is asked for (--verify-existing, sha256)
 
@@ -42,8 +42,8 @@ class JobError(Exception):
 @dataclass(frozen=True)
 class Pending:
     """What the commit of a shard to encode needs to know from planning."""
-    input: InputIdentity | None     # recorded in its manifest
-    replaces: bool                  # the folder may hold a manifest of it: the commit replaces its files
+    input: InputIdentity | None     # recorded in its shard record
+    old: dict[str, int]             # its data files in the latents table now (path -> bytes): the commit removes them
 
 
 @dataclass
@@ -57,12 +57,13 @@ class Plan:
     fingerprint: str
     run_meta: RunMeta                       # stored with every latent and manifest
     model: object                           # the WFVAEConfig
-    root: str                               # the output folder inside its filesystem
-    fs: object
+    folder: OutputFolder
     lease: Lease
-    index: folder_index.FolderIndex
+    latents: DeltaTable                     # the tables as planned: the driver's commits go on from these
+    shards: DeltaTable
     base: FolderTotals = field(default_factory=FolderTotals)       # committed shards not redone now
     history: FolderTotals = field(default_factory=FolderTotals)    # every shard committed before the run
+    redone: pa.Table | None = None          # the current records of the shards to redo (kept if a redo fails)
 
     def line(self) -> str:
         why = ", ".join(f"{n} {reason}" for reason, n in sorted(self.why.items()))
@@ -83,23 +84,26 @@ def content_hashes(urls: list[str], storage: StorageOptions | None) -> dict[str,
 
 
 # ---- the output folder --------------------------------------------------------------------------
-def check_output(output: str, storage: StorageOptions | None) -> tuple[object, str]:
+def check_output(output: str, storage: StorageOptions | None) -> OutputFolder:
     """The output folder can be written: a local path whose nearest existing folder is writable,
-    or a store that answers a listing (within the store timeouts). Nothing is written here."""
+    or a store that answers a listing (within the store timeouts); not a folder of an older layout.
+    Nothing is written here."""
     try:
-        fs, root = filesystem(output, storage)
+        folder = OutputFolder(output, storage)
     except Exception as exc:  # noqa: BLE001 - an unknown protocol, a missing driver: the option's mistake
         raise JobError(f"--output {output}: {type(exc).__name__}: {exc}") from None
-    root = root.rstrip("/")
-    if is_local(fs):
-        _check_local_output(output, Path(root))
-        return fs, root
-    try:
-        next(iter(list_prefix(fs, root, "_")), None)  # one request
-    except Exception as exc:  # noqa: BLE001 - unreachable, no credentials, no permission, timeouts
-        raise JobError(scrub(f"--output {output}: the store did not answer a listing ({type(exc).__name__}: "
-                             f"{exc}); check --s3-endpoint-url, the credentials and the network")) from None
-    return fs, root
+    if is_local(folder.fs):
+        _check_local_output(output, Path(folder.root))
+    else:
+        try:
+            next(iter(list_prefix(folder.fs, folder.root, "_")), None)  # one request
+        except Exception as exc:  # noqa: BLE001 - unreachable, no credentials, no permission, timeouts
+            raise JobError(scrub(f"--output {output}: the store did not answer a listing ({type(exc).__name__}: "
+                                 f"{exc}); check --s3-endpoint-url, the credentials and the network")) from None
+    if folder.is_legacy():
+        raise JobError(f"--output {output} was written before output folders became Delta tables; convert it "
+                       f"once with: python -m encoder_service migrate {output}")
+    return folder
 
 
 def _check_local_output(output: str, root: Path) -> None:
@@ -130,109 +134,90 @@ def model_identity(cfg: JobConfig):
     return model, digest, meta
 
 
-def adopt_settings(fs, root: str, settings: dict, overwrite: bool) -> str:
-    """The folder's settings must be these (or --overwrite makes them so); returns the fingerprint."""
-    path = join(root, layout.SETTINGS)
+def adopt_settings(folder: OutputFolder, settings: dict, overwrite: bool) -> tuple[str, DeltaTable]:
+    """The folder's settings must be these (or --overwrite makes them so): a new folder becomes a
+    table with them. Returns the fingerprint and the latents table."""
     fp = fingerprint(settings)
-    current = json.loads(fs.cat_file(path)) if fs.exists(path) else None
-    if current is not None and current["fingerprint"] != fp and not overwrite:
-        old = current["settings"]
+    doc = {"fingerprint": fp, "settings": settings}
+    if not folder.is_table():
+        folder.create(doc)
+    latents = folder.latents()
+    current = OutputFolder.settings(latents)
+    if current is not None and current.get("fingerprint") != fp and not overwrite:
+        old = current.get("settings") or {}
         changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
         shown = ", ".join(f"{k} {old.get(k)!r} -> {settings.get(k)!r}" for k in changed if k != "model")
-        raise JobError(f"--output {root} holds latents made with other settings ({shown or 'model config'}); "
+        raise JobError(f"--output {folder.url} holds latents made with other settings ({shown or 'model config'}); "
                        "write to a new folder, or pass --overwrite to re-encode everything with these")
-    if current is None or current["fingerprint"] != fp:
-        fs.makedirs(root, exist_ok=True)
-        put_small(fs, root, path, json.dumps({"fingerprint": fp, "settings": settings}, indent=1,
-                                             sort_keys=True).encode())
-    return fp
+    if current is None or current.get("fingerprint") != fp:
+        OutputFolder.set_settings(latents, doc)
+    return fp, latents
 
 
-def _changed(old: InputIdentity | None, now: InputIdentity | None, hashes: dict, url: str) -> bool:
-    """Whether an input differs from what its shard was made from. Unknown either way: unchanged
-    (folders of schema 2 recorded nothing; an input that vanished fails at ingest if it is redone)."""
-    if old is None or now is None or (old.size, old.tag) == (now.size, now.tag):
-        return False
-    if old.sha256 and url in hashes:
-        return hashes[url] != old.sha256
-    return True
+def classify(urls: list[str], ids: list[str], identities: dict, committed: Committed, fp: str, overwrite: bool,
+             hashes: dict) -> tuple[list[int], list[str]]:
+    """(positions of the inputs to encode, why each), by Arrow joins: no Python step per committed shard."""
+    size = [identities[u].size if u in identities else None for u in urls]
+    tag = [identities[u].tag if u in identities else None for u in urls]
+    digest = [hashes.get(u) for u in urls]
+    inputs = pa.table({"pos": range(len(urls)), "shard_id": ids, "size": pa.array(size, pa.int64()),
+                       "tag": pa.array(tag, pa.string()), "sha256": pa.array(digest, pa.string())})
+    rec = committed.records
+    known = pa.table({"shard_id": rec["shard_id"], "r_settings": rec["settings"],
+                      "r_size": pc.struct_field(rec["input"], "size"), "r_tag": pc.struct_field(rec["input"], "tag"),
+                      "r_sha256": pc.struct_field(rec["input"], "sha256"), "present": pa.repeat(True, rec.num_rows)})
+    t = inputs.join(known, "shard_id", join_type="left outer").sort_by("pos")
+    present = pc.fill_null(t["present"], False)
+    partial = pc.is_in(t["shard_id"], pa.concat_arrays([committed.disagree.cast(pa.string()),
+                                                        committed.files["shard_id"].combine_chunks().cast(pa.string())]))
+    changed = _changed(t)
+    why = pc.case_when(
+        pc.make_struct(pc.invert(present), pc.and_kleene(present, pa.scalar(overwrite)),
+                       pc.and_kleene(present, pc.not_equal(t["r_settings"], fp)), pc.and_kleene(present, changed)),
+        pc.if_else(partial, "incomplete", "new"), "overwrite", "settings", "changed")
+    todo = pc.indices_nonzero(pc.is_valid(why))
+    return t["pos"].take(todo).to_pylist(), why.take(todo).to_pylist()
 
 
-def classify(urls, ids, identities, index: folder_index.FolderIndex, fp: str, overwrite: bool,
-             hashes: dict) -> tuple[list[tuple[str, str]], dict[str, Pending], Counter]:
-    """(shards to encode, what their commits need, why each is encoded)."""
-    todo, pending, why = [], {}, Counter()
-    unreadable = set(index.unreadable)
-    for url, sid in zip(urls, ids):
-        entry, identity = index.shards.get(sid), identities.get(url)
-        if entry is None:
-            reason = "incomplete" if sid in unreadable else "new"
-        elif overwrite:
-            reason = "overwrite"
-        elif entry.settings != fp:
-            reason = "settings"
-        elif _changed(entry.input, identity, hashes, url):
-            reason = "changed"
-        else:
-            continue
-        todo.append((url, sid))
-        pending[sid] = Pending(_with_hash(identity, hashes.get(url)), replaces=reason != "new")
-        why[reason] += 1
-    return todo, pending, why
+def _changed(t: pa.Table) -> pa.ChunkedArray:
+    """An input differs from what its shard was made from. Unknown either way (migrated folders of
+    schema 2, inputs that cannot be listed): unchanged. Both hashed (sha256): the hashes decide."""
+    known = pc.and_kleene(pc.is_valid(t["r_size"]), pc.is_valid(t["size"]))
+    differs = pc.or_kleene(pc.not_equal(t["r_size"], t["size"]), pc.not_equal(t["r_tag"], t["tag"]))
+    hashed = pc.and_kleene(pc.is_valid(t["r_sha256"]), pc.is_valid(t["sha256"]))
+    verdict = pc.if_else(hashed, pc.not_equal(t["r_sha256"], t["sha256"]), differs)
+    return pc.fill_null(pc.and_kleene(known, verdict), False)
 
 
 def _with_hash(identity: InputIdentity | None, sha256: str | None) -> InputIdentity | None:
     return InputIdentity(identity.size, identity.tag, sha256) if identity is not None and sha256 else identity
 
 
-def verify_existing(fs, root: str, shard_ids: list[str], verify: str) -> list[str]:
-    """The committed shards whose files do not match their manifests (a request or more per file:
-    only on request)."""
-    def bad(sid):
-        try:
-            manifest = read_manifest(fs, root, sid)
-        except ManifestUnreadable:
-            return True
-        return manifest is None or bool(check_files(fs, root, manifest, verify))
+def verify_existing(folder: OutputFolder, records: pa.Table, verify: str) -> set[str]:
+    """The committed shards whose files do not match their records (a request or more per file:
+    only on request): size (and with "checksum" the sha256) of each data file."""
+    def bad(row):
+        for f in row["files"]:
+            try:
+                if folder.fs.size(folder.path(f["name"])) != f["bytes"]:
+                    return True
+                if verify == "checksum" and sha256_of(folder.fs, folder.path(f["name"])) != f["sha256"]:
+                    return True
+            except FileNotFoundError:
+                return True
+        return False
+    rows = records.select(["shard_id", "files"]).to_pylist()
     with ThreadPoolExecutor(_THREADS) as pool:
-        return [sid for sid, b in zip(shard_ids, pool.map(bad, shard_ids)) if b]
+        return {row["shard_id"] for row, b in zip(rows, pool.map(bad, rows)) if b}
 
 
-def clean_leftovers(fs, root: str, legacy: bool = False) -> None:
-    """What a crashed run left (the lease is ours: no live run owns any of it): staged files,
-    temporaries, and the files of commits cut off before their manifest (named by the commit's
-    intent), so plain Parquet readers see only committed shards. `legacy`: the folder has no index
-    yet (written before schema 3, whose commits left no intent): scan latents/ and errors/ once."""
-    staging = join(root, layout.STAGING)
-    for path in (fs.find(staging) if fs.exists(staging) else []):
-        if path.endswith("/" + layout.COMMIT_INTENT):
-            _undo_cut_off_commit(fs, root, json.loads(fs.cat_file(path)))
-    if fs.exists(staging):
-        fs.rm(staging, recursive=True)
-    if legacy:
-        _clean_legacy(fs, root)
-
-
-def _undo_cut_off_commit(fs, root: str, intent: dict) -> None:
-    if fs.exists(join(root, layout.manifest_name(intent["shard_id"]))):
-        return  # the commit finished (its manifest is there); only its staging folder was left
-    for name in intent["files"]:
-        try:
-            fs.rm(join(root, name))
-        except FileNotFoundError:
-            pass
-
-
-def _clean_legacy(fs, root: str) -> None:
-    if is_local(fs):
-        for folder in (layout.LATENTS, layout.ERRORS, layout.MANIFESTS, ""):
-            for path in fs.glob(posixpath.join(join(root, folder) if folder else root, "*.tmp-*")):
-                fs.rm(path)
-    committed = {e.name[:-len(".json")] for e in list_prefix(fs, join(root, layout.MANIFESTS))}
-    for folder in (layout.LATENTS, layout.ERRORS):
-        for entry in list_prefix(fs, join(root, folder)):
-            if entry.name.endswith(".parquet") and layout.shard_of(entry.name) not in committed:
-                fs.rm(join(root, folder, entry.name))
+def _old_files(files: pa.Table, shard_ids: list[str]) -> dict[str, dict[str, int]]:
+    """The latents table's files of these shards, by shard (O(their files), one Arrow filter)."""
+    mine = files.filter(pc.is_in(files["shard_id"], pa.array(shard_ids, pa.string())))
+    out: dict[str, dict[str, int]] = {}
+    for path, sid, size in zip(mine["path"].to_pylist(), mine["shard_id"].to_pylist(), mine["bytes"].to_pylist()):
+        out.setdefault(sid, {})[path] = size
+    return out
 
 
 # ---- the whole plan -----------------------------------------------------------------------------
@@ -243,50 +228,56 @@ def prepare(cfg: JobConfig) -> Plan:
         raise JobError("--input, --output and --checkpoint are required (or --demo)")
     storage = cfg.storage()
     urls = expand_inputs(cfg.input, storage)
-    fs, root = check_output(cfg.output, storage)
+    folder = check_output(cfg.output, storage)
     model, digest, run_meta = model_identity(cfg)
     try:
-        lease = Lease.acquire(fs, root, cfg.lease_ttl_s).start_renewing()
+        lease = Lease.acquire(folder, cfg.lease_ttl_s, breaking=cfg.break_lease).start_renewing()
     except LeaseError as exc:
         raise JobError(str(exc)) from None
     try:
-        return _plan(cfg, storage, urls, fs, root, model, digest, run_meta, lease)
+        return _plan(cfg, storage, urls, folder, model, digest, run_meta, lease)
+    except FolderError as exc:
+        lease.release()
+        raise JobError(str(exc)) from None
     except BaseException:
         lease.release()
         raise
 
 
-def _plan(cfg, storage, urls, fs, root, model, digest, run_meta, lease) -> Plan:
+def _plan(cfg, storage, urls, folder: OutputFolder, model, digest, run_meta, lease) -> Plan:
     settings = cfg.latent_settings(digest, model.to_dict())
-    fp = adopt_settings(fs, root, settings, cfg.overwrite)
-    index = folder_index.scan(fs, root)
-    legacy = not index.segments
-    folder_index.repair(fs, root, index)
+    fp, latents = adopt_settings(folder, settings, cfg.overwrite)
+    committed = Committed.read(folder, latents)
     ids = [shard_id_of(u) for u in urls]
     identities = input_identities(urls, storage)
     hashes = {}
-    if cfg.input_identity == "sha256":  # hash what is new, or changed by the store's account
-        candidates = [u for u, s in zip(urls, ids)
-                      if s not in index.shards or _changed(index.shards[s].input, identities.get(u), {}, u)]
-        hashes = content_hashes(candidates, storage)
-    todo, pending, why = classify(urls, ids, identities, index, fp, cfg.overwrite, hashes)
+    if cfg.input_identity == "sha256":  # every input is hashed: a rewrite with the same size and mtime counts
+        hashes = content_hashes(urls, storage)
+    positions, reasons = classify(urls, ids, identities, committed, fp, cfg.overwrite, hashes)
     if cfg.verify_existing != "none":
-        done = [s for s in ids if s not in pending]
-        bad = set(verify_existing(fs, root, done, cfg.verify_existing))
-        redo = [(u, s) for u, s in zip(urls, ids) if s in bad]
-        if cfg.input_identity == "sha256":
-            hashes.update(content_hashes([u for u, _ in redo], storage))
-        for url, sid in redo:
-            todo.append((url, sid))
-            pending[sid] = Pending(_with_hash(identities.get(url), hashes.get(url)), replaces=True)
-            why["incomplete"] += 1
-    complete = len(urls) - len(todo)
+        chosen = set(positions)
+        done = committed.records.filter(pc.is_in(committed.records["shard_id"],
+                                                 pa.array([s for i, s in enumerate(ids) if i not in chosen])))
+        bad = verify_existing(folder, done, cfg.verify_existing)
+        extra = [i for i, s in enumerate(ids) if s in bad and i not in chosen]
+        positions, reasons = positions + extra, reasons + ["incomplete"] * len(extra)
+    complete = len(urls) - len(positions)
     if cfg.max_shards is not None:
-        todo = todo[:cfg.max_shards]
-        pending = {sid: pending[sid] for _, sid in todo}
-    clean_leftovers(fs, root, legacy)
-    base, redone = folder_index.folder_totals(fs, root, index, exclude=pending)
-    index.shards = {}  # not needed past planning: what the run holds grows with its work, not the folder
-    return Plan(len(urls), todo, pending, complete, why, settings, fp,
-                RunMeta(**{**run_meta.__dict__, "settings": fp}), model, root, fs, lease, index, base,
-                totals.add_totals(base, redone))
+        positions, reasons = positions[:cfg.max_shards], reasons[:cfg.max_shards]
+    todo = [(urls[i], ids[i]) for i in positions]
+    old = _old_files(committed.files, [sid for _, sid in todo])
+    pending = {sid: Pending(_with_hash(identities.get(url), hashes.get(url)), old.get(sid, {})) for url, sid in todo}
+    _remove_local_temporaries(folder)
+    records = committed.records
+    redo = pc.is_in(records["shard_id"], pa.array(list(pending), pa.string())) if records.num_rows else None
+    base = totals.records_totals(records.filter(pc.invert(redo)) if redo is not None else records)
+    redone = records.filter(redo) if redo is not None else records
+    return Plan(len(urls), todo, pending, complete, Counter(reasons), settings, fp,
+                RunMeta(**{**run_meta.__dict__, "settings": fp}), model, folder, lease, latents, folder.shards(),
+                base, totals.add_totals(base, totals.records_totals(redone)), redone)
+
+
+def _remove_local_temporaries(folder: OutputFolder) -> None:
+    """Files a crashed run was writing locally (the lease is ours: no live run writes them)."""
+    if is_local(folder.fs) and folder.fs.exists(folder.path(layout.LOCAL_TMP)):
+        folder.fs.rm(folder.path(layout.LOCAL_TMP), recursive=True)

@@ -22,7 +22,7 @@ from encoder_service.ingest.clips import IngestConfig
 from encoder_service.job import faults
 from encoder_service.job.config import JobConfig, to_json
 from encoder_service.job.driver import Driver, Totals
-from encoder_service.job.plan import JobError, Plan, clean_leftovers, prepare
+from encoder_service.job.plan import JobError, Plan, prepare
 from encoder_service.job.progress import Progress
 from encoder_service.job.stages import EncoderSpec, EncodeUnits, ingest_shards
 from encoder_service.job.stop import Interrupted, StopSignals
@@ -162,27 +162,26 @@ def _quiet_ray_data_console() -> Path | None:
 
 def _run(cfg: JobConfig, plan: Plan, stop: StopSignals) -> dict:
     progress = Progress(len(plan.todo), cfg.progress_every_s)
-    driver = Driver(plan, progress.update, cfg.commit_threads)
+    driver = Driver(plan, progress.update, cfg.commit_group_shards, cfg.commit_group_s)
     metrics.inc("wfvae_shards", plan.skipped, status="skipped")
     metrics.set_gauge("wfvae_job_shards_planned", len(plan.todo))
     interrupted = None
     try:
         if plan.todo:
-            with progress.heartbeat(lambda: driver.totals):
+            with progress.heartbeat(lambda: (driver.tick(), driver.totals)[1]):
                 _consume(build_dataset(cfg, plan, faults.make_registry()), driver, stop)
     except Interrupted as exc:
         interrupted = exc
     finally:
-        driver.close()  # the commits under way finish (or the grace period ends the process)
-    if interrupted:  # the commits are done: what staging holds is of shards this run will not commit
-        clean_leftovers(plan.fs, plan.root)  # (what an actor still writes after this: the next run's)
+        driver.close()  # the finished shards are committed (or the grace period ends the process)
     failed = {**driver.totals.failed, **({} if interrupted else driver.unfinished())}
     progress.close(driver.totals)
     folder = folder_after_run(plan, driver.run, driver.committed)
     record = {**_run_record(cfg, plan, driver.totals, failed, progress), "quality": driver.quality(),
               "interrupted": interrupted is not None,
-              "shards_left_for_next_run": len(plan.todo) - driver.totals.shards_done - len(failed)}
-    write_records(plan.fs, plan.root, folder, record)
+              "shards_left_for_next_run": len(plan.todo) - driver.totals.shards_done - len(failed),
+              "table": _finish_table(plan, cfg, interrupted is None)}
+    write_records(plan.folder, folder, record)
     print("[summary] " + scrub(json.dumps({k: record[k] for k in ("shards_done", "shards_skipped", "shards_failed",
                                                                    "clips", "latents", "errors", "clips_per_s")})),
           flush=True)
@@ -190,6 +189,14 @@ def _run(cfg: JobConfig, plan: Plan, stop: StopSignals) -> dict:
     for shard_id, reason in sorted(failed.items()):
         print(f"[failed] {shard_id}: {reason}", file=sys.stderr, flush=True)
     return record
+
+
+def _finish_table(plan: Plan, cfg: JobConfig, vacuum: bool) -> dict:
+    """Checkpoint and vacuum the folder's tables (not after a stop: the grace period is for commits)."""
+    out = {"latents_version": plan.latents.version()}
+    if vacuum:
+        out.update(plan.folder.finish(cfg.vacuum_retention_hours))
+    return out
 
 
 def _print_quality(quality: dict) -> None:

@@ -34,8 +34,8 @@ from encoder_service.records import (
     from_dict,
     to_table,
 )
-from encoder_service.shards.writer import StagingWriter
 from encoder_service.storage import StorageOptions, filesystem, scrub
+from encoder_service.table.writer import UnitWriter
 
 
 # ---- ingest -------------------------------------------------------------------------------------
@@ -122,7 +122,7 @@ class EncodeUnits:
                                      compile=spec.compile)
         fs, root = filesystem(spec.output, spec.storage)
         qa = QualityCheck(spec.checkpoint, spec.model_config, device, spec.chunk_frames) if spec.qa_fraction else None
-        self.units = UnitEncoder(encoder, StagingWriter(fs, root, spec.run_meta), spec.run_meta, spec.batch_size,
+        self.units = UnitEncoder(encoder, UnitWriter(fs, root, spec.run_meta), spec.run_meta, spec.batch_size,
                                  spec.store_logvar, qa, spec.qa_seed, spec.qa_fraction)
         self.injection = faults.Injection.from_env()
         if self.injection:

@@ -1,37 +1,37 @@
-"""summary.json describes the whole output folder, merged at the end of every run from the folder's
-totals before it (the index, read once while planning) and the run's commits; each invocation's
-own record goes to _runs/."""
+"""_summary.json describes the whole output folder after the last run, merged from the folder's
+totals before it (the shards table, read once while planning) and the run's commits; each
+invocation's own record goes to _runs/. Both are conveniences: `inspect` computes the same from the
+tables."""
 import json
 import time
 import uuid
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from encoder_service.records import FolderTotals
-from encoder_service.shards import layout, totals
-from encoder_service.shards.manifest import ManifestUnreadable, read_manifest
-from encoder_service.shards.writer import put_small
-from encoder_service.storage import join, scrub
+from encoder_service.storage import scrub
+from encoder_service.table import layout, totals
+from encoder_service.table.folder import OutputFolder
+from encoder_service.table.writer import put_small
 
 
 def folder_after_run(plan, run: FolderTotals, committed: set[str]) -> FolderTotals:
     """The folder's totals now: the shards the run left alone, the run's commits, and the earlier
-    commits of shards the run set out to redo but did not commit (read again: one request each,
-    failures only)."""
+    records of shards the run set out to redo but did not commit (kept from planning)."""
     folder = totals.add_totals(plan.base, run)
-    for sid, pending in plan.pending.items():
-        if pending.replaces and sid not in committed:
-            try:
-                manifest = read_manifest(plan.fs, plan.root, sid)
-            except ManifestUnreadable:
-                continue
-            if manifest is not None:
-                totals.add_shard(folder, totals.shard_record(manifest, 0, ""))
+    if plan.redone is not None and plan.redone.num_rows:
+        done = pa.array(sorted(committed), pa.string())
+        kept = plan.redone.filter(pc.invert(pc.is_in(plan.redone["shard_id"], done)))
+        folder = totals.add_totals(folder, totals.records_totals(kept))
     return folder
 
 
-def write_records(fs, root: str, folder: FolderTotals, run: dict) -> None:
+def write_records(folder: OutputFolder, totals_now: FolderTotals, run: dict) -> None:
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    put_small(fs, root, join(root, layout.RUNS, f"{stamp}-{uuid.uuid4().hex[:8]}.json"), _json(run))
-    put_small(fs, root, join(root, layout.SUMMARY), _json({**totals.folder_report(folder), "last_run": run}))
+    put_small(folder.fs, folder.root, folder.path(layout.RUNS, f"{stamp}-{uuid.uuid4().hex[:8]}.json"), _json(run))
+    put_small(folder.fs, folder.root, folder.path(layout.SUMMARY),
+              _json({**totals.folder_report(totals_now), "last_run": run}))
 
 
 def _json(data: dict) -> bytes:

@@ -29,7 +29,7 @@ from encoder_service.engine import ClipRejected, Encoded, wait
 from encoder_service.job.qa import selected
 from encoder_service.options import dtype_name
 from encoder_service.records import ChannelStats, Clip, LatentRow, LedgerRow, RunMeta, Unit, UnitResult
-from encoder_service.shards.schema import encode_tensor
+from encoder_service.table.schema import encode_tensor
 
 UNITS_IN_FLIGHT = 3  # one preparing, one on the device, one finishing (QA may hold it a while longer)
 

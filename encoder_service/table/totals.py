@@ -11,16 +11,12 @@ import dataclasses
 import math
 from collections import Counter
 
-from encoder_service.records import (
-    ChannelStats,
-    FolderTotals,
-    Manifest,
-    QaRow,
-    QaSummary,
-    ShardRecord,
-    ShardStats,
-    Sketch,
-)
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from encoder_service import records
+from encoder_service.records import ChannelStats, FolderTotals, QaRow, QaSummary, ShardRecord, ShardStats, Sketch
 
 # the drift alert's bound, also reported in the run record: a channel mean that moved by more than
 # half a historical standard deviation, or a standard deviation that changed by more than 25 %
@@ -128,13 +124,6 @@ def qa_report(qa: QaSummary) -> dict | None:
 
 
 # ---- shards and folders ---------------------------------------------------------------------------
-def shard_record(m: Manifest, manifest_bytes: int, manifest_tag: str) -> ShardRecord:
-    """The index row of a manifest (manifest_bytes/tag: what the store lists for the manifest file)."""
-    return ShardRecord(m.shard_id, m.settings, m.input, manifest_bytes, manifest_tag, m.run.vae_sha256, m.clips,
-                       m.latents, dict(m.ledger_reasons), m.non_finite_rejected,
-                       sum(f.bytes for f in m.files), m.stats, qa_summary(m.qa))
-
-
 def add_shard(t: FolderTotals, r: ShardRecord) -> None:
     """Merge one shard into the totals, in place: O(channels + bins)."""
     t.shards, t.clips, t.latents = t.shards + 1, t.clips + r.clips, t.latents + r.latents
@@ -158,6 +147,43 @@ def add_totals(a: FolderTotals, b: FolderTotals) -> FolderTotals:
     out.checkpoints = sorted(set(a.checkpoints) | set(b.checkpoints))
     out.stats, out.qa = add_shard_stats(a.stats, b.stats), add_qa(a.qa, b.qa)
     return out
+
+
+def records_totals(t: pa.Table) -> FolderTotals:
+    """Totals of many shard records (rows of the shards table) at once: Arrow and numpy, not a
+    Python loop over statistics."""
+    out = FolderTotals()
+    if t.num_rows == 0:
+        return out
+    out.shards = t.num_rows
+    out.clips, out.latents, out.non_finite_rejected, out.file_bytes = (
+        int(pc.sum(t[c]).as_py() or 0) for c in ("clips", "latents", "non_finite_rejected", "file_bytes"))
+    reasons = t["ledger_reasons"].combine_chunks()
+    if len(reasons.keys):
+        grouped = pa.table({"k": reasons.keys, "v": reasons.items}).group_by("k").aggregate([("v", "sum")])
+        out.ledger_reasons = dict(zip(grouped["k"].to_pylist(), grouped["v_sum"].to_pylist()))
+    out.checkpoints = sorted(c for c in pc.unique(t["checkpoint_sha256"]).to_pylist() if c)
+    stats = t["stats"].combine_chunks()
+    out.stats = ShardStats(_sum_stats(stats.field("mean")), _sum_stats(stats.field("logvar")))
+    qa = t["qa"].combine_chunks()
+    for row in qa.filter(pc.greater(qa.field("clips"), 0)).to_pylist():
+        out.qa = add_qa(out.qa, records.from_dict(QaSummary, row))
+    return out
+
+
+def _sum_stats(column: pa.StructArray) -> ChannelStats | None:
+    present = column.filter(column.is_valid())
+    if len(present) == 0:
+        return None
+    sums = []
+    for name in ("count", "sum", "sum_sq"):
+        lists = present.field(name)
+        channels = pc.list_value_length(lists).to_numpy(zero_copy_only=False)
+        if (channels != channels[0]).any():
+            raise ValueError("the shards table holds statistics with different channel counts")
+        values = pc.list_flatten(lists).to_numpy(zero_copy_only=False).reshape(len(present), int(channels[0]))
+        sums.append(values.sum(axis=0, dtype=np.int64 if name == "count" else np.float64).tolist())
+    return ChannelStats(*sums)
 
 
 def folder_report(t: FolderTotals) -> dict:

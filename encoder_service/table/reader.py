@@ -15,10 +15,10 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from encoder_service.shards import layout
-from encoder_service.shards.manifest import ManifestUnreadable, check_files, list_manifests, read_manifest
-from encoder_service.shards.schema import decode_tensor, read_run_metadata
 from encoder_service.storage import StorageOptions, filesystem, join
+from encoder_service.table import layout
+from encoder_service.table.manifest import ManifestUnreadable, check_files, list_manifests, read_manifest
+from encoder_service.table.schema import decode_tensor, read_run_metadata
 
 _PROVENANCE = ("source_url", "source_key", "clip_index", "frame_indices", "src_fps", "clip_fps", "src_hw",
                "rotation", "crop_box", "bucket", "vae_name", "vae_sha256", "precision")

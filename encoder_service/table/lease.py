@@ -5,8 +5,10 @@ on local disk, a conditional put `If-None-Match: *` on S3; stores that cannot do
 are refused). The newest generation says who holds the folder: its holder renews it (rewrites
 `renewed`) every ttl/4, and releases it at the end (`released`). A run that finds the newest
 generation live stops with one line naming the holder; one that finds it released, or not renewed
-for `ttl_s` seconds (its holder died), creates generation n+1. Two runs racing for it both try to
-create the same n+1 and only one can.
+for `ttl_s` seconds (its holder died), or held by a process of this host that no longer exists
+(kill -9), creates generation n+1 at once. Two runs racing for it both try to create the same n+1
+and only one can. `--break-lease N` is the operator's way out: it takes over generation N whatever
+it says (naming the generation keeps a stale command from breaking a newer run's lease).
 
 A holder that cannot renew within its ttl, or that finds a newer generation (it was taken over after
 looking dead), has lost the lease: `valid()` turns false, and the driver commits nothing more.
@@ -14,15 +16,16 @@ Expiry compares the holder's clock (renewed) with the reader's: hosts must agree
 well within the ttl (NTP does).
 """
 import json
+import math
 import os
 import socket
 import threading
 import time
 from dataclasses import asdict, dataclass
 
-from encoder_service.shards import layout
-from encoder_service.shards.writer import put_small
 from encoder_service.storage import NotAtomic, join, list_prefix, put_if_absent, retry
+from encoder_service.table import layout
+from encoder_service.table.writer import put_small
 
 DEFAULT_TTL_S = 600.0
 
@@ -41,6 +44,18 @@ class Holder:
     @classmethod
     def this_process(cls) -> "Holder":
         return cls(socket.gethostname(), os.getpid(), _ray_submission_id(), time.time())
+
+    def gone(self) -> bool:
+        """The holder was a process of this host that no longer exists (a driver killed with -9)."""
+        if self.host != socket.gethostname() or self.pid == os.getpid():
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False  # alive, another user's
+        return False
 
     def describe(self) -> str:
         job = f", Ray job {self.ray_job}" if self.ray_job else ""
@@ -61,6 +76,8 @@ def _utc(t: float) -> str:
 
 class Lease:
     def __init__(self, fs, root: str, generation: int, holder: Holder, ttl_s: float):
+        if not math.isfinite(ttl_s) or ttl_s <= 0:
+            raise LeaseError(f"a lease's ttl must be a positive number of seconds, got {ttl_s!r}")
         self.fs, self.root, self.generation, self.holder, self.ttl_s = fs, root, generation, holder, ttl_s
         self.renewed = time.monotonic()
         self.lost: str | None = None
@@ -69,15 +86,24 @@ class Lease:
 
     # ---- taking it ----------------------------------------------------------------------------
     @classmethod
-    def acquire(cls, fs, root: str, ttl_s: float = DEFAULT_TTL_S, holder: Holder | None = None) -> "Lease":
+    def acquire(cls, folder, ttl_s: float = DEFAULT_TTL_S, holder: Holder | None = None,
+                breaking: int | None = None) -> "Lease":
+        """Take the folder's (an OutputFolder's) lease; `breaking`: the generation to take over even
+        if it looks live."""
+        fs, root = folder.fs, folder.root
         holder = holder or Holder.this_process()
         for _ in range(3):
             newest = _generations(fs, root)
             current = _read(fs, root, newest[-1]) if newest else None
-            if current is not None and not current["released"] and time.time() < current["renewed"] + current["ttl_s"]:
-                raise LeaseError(f"--output {root} is in use by another run ({Holder(**current['holder']).describe()}; "
-                                 f"lease renewed {_utc(current['renewed'])}, expires after {current['ttl_s']:.0f} s "
-                                 "without renewal); one run per output folder at a time")
+            if breaking is not None and (not newest or newest[-1] != breaking):
+                raise LeaseError(f"--break-lease {breaking}: the folder's lease is at generation "
+                                 f"{newest[-1] if newest else 'none'}, not {breaking}; nothing was broken")
+            if current is not None and _live(current) and newest[-1] != breaking:
+                holder = Holder(**current["holder"]).describe()
+                raise LeaseError(f"--output {folder.url} is in use by another run ({holder}; "
+                                 f"lease generation {newest[-1]} renewed {_utc(current['renewed'])}, expires after "
+                                 f"{current['ttl_s']:.0f} s without renewal); one run per output folder at a time. "
+                                 f"If that run is gone, pass --break-lease {newest[-1]}")
             generation = (newest[-1] if newest else 0) + 1
             lease = cls(fs, root, generation, holder, ttl_s)
             try:
@@ -87,8 +113,10 @@ class Lease:
                                  "runs on one folder could not be kept apart; use a local folder or s3://") from None
             if created:
                 if current is not None and not current["released"]:
-                    print(f"[lease] took over {root} from a run that stopped renewing its lease "
-                          f"({Holder(**current['holder']).describe()})", flush=True)
+                    why = ("broken by --break-lease" if newest[-1] == breaking else "its process is gone"
+                           if Holder(**current["holder"]).gone() else "it stopped renewing its lease")
+                    print(f"[lease] took over {folder.url} from a run ({Holder(**current['holder']).describe()}): "
+                          f"{why}", flush=True)
                 lease._remove_older(newest)
                 return lease
         raise LeaseError(f"--output {root}: other runs keep taking the folder's lease; try again")
@@ -127,6 +155,8 @@ class Lease:
             while not self._stop.wait(self.ttl_s / 4):
                 try:
                     self.renew()
+                except PermissionError as exc:  # a folder made read-only under the run: say so, not "in use"
+                    self.lost = f"the output folder cannot be written any more ({exc})"
                 except OSError:
                     pass  # tried again next time; valid() turns false once the ttl has passed
                 if self.lost:
@@ -139,8 +169,18 @@ class Lease:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        if self.lost is None and not [g for g in _generations(self.fs, self.root) if g > self.generation]:
-            put_small(self.fs, self.root, self.path(self.generation), self._record(released=True))
+        try:
+            if self.lost is None and not [g for g in _generations(self.fs, self.root) if g > self.generation]:
+                put_small(self.fs, self.root, self.path(self.generation), self._record(released=True))
+        except PermissionError:
+            pass  # a read-only folder: the next run on this host sees this process gone and takes over
+
+
+def _live(current: dict) -> bool:
+    """Held: not released, renewed within its ttl, and not by a process of this host that is gone."""
+    if current["released"] or time.time() >= current["renewed"] + current["ttl_s"]:
+        return False
+    return not Holder(**current["holder"]).gone()
 
 
 def _generations(fs, root: str) -> list[int]:
