@@ -15,6 +15,7 @@ from encoder_service.ingest.decoders import VideoError, get_decoder, probe
 from encoder_service.ingest.geometry import plan_geometry
 from encoder_service.model import WFVAE, CheckpointError
 from encoder_service.quality import psnr, ssim
+from encoder_service.table import migrate
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--examples", type=int, default=3, help="example messages per ledger reason")
     i.add_argument("--json", action="store_true", help="the report as JSON")
     pack.add_parser(sub)
+    migrate.add_parser(sub)
     return p
 
 
@@ -104,6 +106,8 @@ def main(argv=None) -> int:
         return inspect_command(args)
     if args.command == "pack":
         return pack.run(args)
+    if args.command == "migrate":
+        return migrate.run(args)
     try:
         vae = WFVAE.from_pretrained(args.checkpoint, config=args.config, dtype=args.dtype, device=args.device)
         frames, indices, clip_fps = load_clip(args)

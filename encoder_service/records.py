@@ -97,6 +97,7 @@ class DataFile:
     sha256: str
     first_key: str = ""           # the smallest and largest key it holds (rows are sorted by key): the
     last_key: str = ""            # min/max statistics of its Delta add action
+    bucket: str = ""              # the clips' bucket (TxHxW): a data file holds one unit, clips of one shape
 
 
 @dataclass(frozen=True)

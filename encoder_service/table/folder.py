@@ -138,13 +138,14 @@ class OutputFolder:
     # ---- reading the log ----------------------------------------------------------------------------
     @staticmethod
     def files(table: DeltaTable) -> pa.Table:
-        """The version's data files: path, shard_id, bytes, rows (the log's statistics), first_key."""
+        """The version's data files: path, shard_id, bytes, rows, first_key, bucket (the log's statistics)."""
         actions = pa.table(table.get_add_actions(flatten=True))
         paths = actions["path"]
         shards = pc.extract_regex(paths, layout.DATA_PATH.pattern)
-        first = actions["min.key"] if "min.key" in actions.column_names else pa.nulls(len(paths), pa.string())
+        def stat(name):
+            return actions[name] if name in actions.column_names else pa.nulls(len(paths), pa.string())
         return pa.table({"path": paths, "shard_id": pc.struct_field(shards, "shard"), "bytes": actions["size_bytes"],
-                         "rows": actions["num_records"], "first_key": first})
+                         "rows": actions["num_records"], "first_key": stat("min.key"), "bucket": stat("min.bucket")})
 
     def records(self, columns: list[str] | None = None) -> pa.Table:
         """Every shard's current record (its row with the largest commit), the given columns."""
@@ -222,8 +223,8 @@ class OutputFolder:
 
 
 def _add(f: DataFile, now: int) -> AddAction:
-    stats = {"numRecords": f.rows, "minValues": {"key": f.first_key}, "maxValues": {"key": f.last_key},
-             "nullCount": {"key": 0}}
+    stats = {"numRecords": f.rows, "minValues": {"key": f.first_key, "bucket": f.bucket},
+             "maxValues": {"key": f.last_key, "bucket": f.bucket}, "nullCount": {"key": 0, "bucket": 0}}
     return AddAction(f.name, f.bytes, {}, now, True, json.dumps(stats))
 
 

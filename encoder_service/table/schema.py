@@ -17,7 +17,7 @@ from encoder_service.records import RunMeta
 # 2: latents/, errors/, _manifests/ layout; several data files per shard
 # 3: typed manifests (records.Manifest) with the input's identity; the folder index _index/; the lease
 SCHEMA_VERSION = "3"
-_RAW = {"bfloat16": "<u2", "float16": "<f2", "float32": "<f4"}  # bf16 travels as its 16-bit pattern
+RAW_DTYPES = {"bfloat16": "<u2", "float16": "<f2", "float32": "<f4"}  # bf16 travels as its 16-bit pattern
 
 
 def encode_tensor(t: torch.Tensor) -> bytes:
@@ -25,13 +25,13 @@ def encode_tensor(t: torch.Tensor) -> bytes:
     name = dtype_name(t.dtype)
     t = t.detach().cpu().contiguous()
     array = t.view(torch.int16).numpy().view(np.uint16) if name == "bfloat16" else t.numpy()
-    return array.astype(_RAW[name], copy=False).tobytes()
+    return array.astype(RAW_DTYPES[name], copy=False).tobytes()
 
 
 def decode_tensor(data: bytes, shape, dtype: str) -> torch.Tensor:
     """Inverse of encode_tensor: the exact tensor, in its stored dtype."""
     stored_dtype(dtype)  # refuses unknown names
-    array = np.frombuffer(data, dtype=_RAW[dtype])
+    array = np.frombuffer(data, dtype=RAW_DTYPES[dtype])
     if sys.byteorder != "little":
         array = array.byteswap().view(array.dtype.newbyteorder())
     array = array.astype(array.dtype.newbyteorder("="), copy=True).reshape(tuple(shape))

@@ -48,7 +48,7 @@ def write_parquet(fs, root: str, rows: list, cls, run_meta: RunMeta, name_of,
     finally:
         if os.path.exists(local):
             os.unlink(local)
-    keys = (rows[0].key, rows[-1].key) if rows else ("", "")
+    keys = (rows[0].key, rows[-1].key, getattr(rows[0], "bucket", "")) if rows else ("", "", "")
     return DataFile(name, len(rows), size, digest, *keys)
 
 
