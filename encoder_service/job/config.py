@@ -105,6 +105,8 @@ class JobConfig:
     store_attempts: int = option(5, "tries per object store request (with backoff) before it counts as failed",
                                  _number(int, 1, 100, "store attempts"))
     overwrite: bool = option(False, "redo every shard, and let the folder take these settings")
+    redo_shards: list[str] = option(list, "shard ids (as `inspect` lists them) to encode again though committed: "
+                                    "their new files replace the old ones in one commit", str, many=True)
     max_shards: int | None = option(None, "process at most this many (pending) shards",
                                     _number(int, 1, 2 ** 31, "max shards"))
     dry_run: int | None = option(None, "encode N clips here, report rates and what to provision",

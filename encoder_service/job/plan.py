@@ -155,7 +155,7 @@ def adopt_settings(folder: OutputFolder, settings: dict, overwrite: bool) -> tup
 
 
 def classify(urls: list[str], ids: list[str], identities: dict, committed: Committed, fp: str, overwrite: bool,
-             hashes: dict) -> tuple[list[int], list[str]]:
+             hashes: dict, redo: list[str] = ()) -> tuple[list[int], list[str]]:
     """(positions of the inputs to encode, why each), by Arrow joins: no Python step per committed shard."""
     size = [identities[u].size if u in identities else None for u in urls]
     tag = [identities[u].tag if u in identities else None for u in urls]
@@ -173,8 +173,9 @@ def classify(urls: list[str], ids: list[str], identities: dict, committed: Commi
     changed = _changed(t)
     why = pc.case_when(
         pc.make_struct(pc.invert(present), pc.and_kleene(present, pa.scalar(overwrite)),
+                       pc.is_in(t["shard_id"], pa.array(list(redo), pa.string())),
                        pc.and_kleene(present, pc.not_equal(t["r_settings"], fp)), pc.and_kleene(present, changed)),
-        pc.if_else(partial, "incomplete", "new"), "overwrite", "settings", "changed")
+        pc.if_else(partial, "incomplete", "new"), "overwrite", "redo", "settings", "changed")
     todo = pc.indices_nonzero(pc.is_valid(why))
     return t["pos"].take(todo).to_pylist(), why.take(todo).to_pylist()
 
@@ -253,7 +254,7 @@ def _plan(cfg, storage, urls, folder: OutputFolder, model, digest, run_meta, lea
     hashes = {}
     if cfg.input_identity == "sha256":  # every input is hashed: a rewrite with the same size and mtime counts
         hashes = content_hashes(urls, storage)
-    positions, reasons = classify(urls, ids, identities, committed, fp, cfg.overwrite, hashes)
+    positions, reasons = classify(urls, ids, identities, committed, fp, cfg.overwrite, hashes, cfg.redo_shards)
     if cfg.verify_existing != "none":
         chosen = set(positions)
         done = committed.records.filter(pc.is_in(committed.records["shard_id"],

@@ -158,7 +158,8 @@ class OutputFolder:
             return rows
         keys = pa.table({"shard_id": rows["shard_id"], "commit": rows["commit"], "row": pa.array(range(rows.num_rows))})
         newest = keys.group_by("shard_id").aggregate([("commit", "max")]).rename_columns(["shard_id", "commit"])
-        return rows.take(pc.sort_indices(keys.join(newest, ["shard_id", "commit"], join_type="inner")["row"]))
+        current = keys.join(newest, ["shard_id", "commit"], join_type="inner")["row"]
+        return rows.take(current.take(pc.sort_indices(current)))  # in the table's order
 
     def _arrow_fs(self):
         """A pyarrow filesystem for the URIs delta-rs gives (local paths, or the store's own)."""
@@ -192,6 +193,7 @@ class OutputFolder:
         props = CommitProperties(custom_metadata={"wfvae": {"run": run_id, "shards": len(ids),
                                                             "first_shard": ids[0], "last_shard": ids[-1]}})
         latents.create_write_transaction(actions, "append", LATENT_SCHEMA, commit_properties=props)
+        latents.update_incremental()  # the object does not follow its own commits; the lease makes it the only writer
         version = latents.version()
         rows = [replace(c.record, commit=version) for c in group]
         self._add_shard_rows(shards, rows, f"part-{version:020d}-{uuid.uuid4().hex[:8]}.parquet", "append")
@@ -204,6 +206,7 @@ class OutputFolder:
         shards.create_write_transaction([AddAction(name, size, {}, int(time.time() * 1000), True, json.dumps(stats))],
                                         mode, SHARD_SCHEMA,
                                         post_commithook_properties=PostCommitHookProperties(create_checkpoint=True))
+        shards.update_incremental()
 
     # ---- the end of a run -------------------------------------------------------------------------
     def finish(self, retention_hours: int) -> dict:

@@ -73,7 +73,7 @@ def _record(folder: OutputFolder, shard_id: str) -> ShardRecord:
                        from_dict(InputIdentity, raw.get("input")), run["vae_sha256"], raw["clips"], raw["latents"],
                        dict(raw.get("ledger_reasons") or {}), raw.get("non_finite_rejected", 0),
                        sum(f.bytes for f in files),
-                       ShardStats(from_dict(ChannelStats, stats.get("mean")), from_dict(ChannelStats, stats.get("logvar"))),
+                       ShardStats(*(from_dict(ChannelStats, stats.get(k)) for k in ("mean", "logvar"))),
                        qa, files, ledger)
 
 

@@ -16,7 +16,8 @@ from encoder_service.records import RunMeta
 
 # 2: latents/, errors/, _manifests/ layout; several data files per shard
 # 3: typed manifests (records.Manifest) with the input's identity; the folder index _index/; the lease
-SCHEMA_VERSION = "3"
+# 4: the folder is a Delta Lake table (table/folder.py); data files named by their content's hash
+SCHEMA_VERSION = "4"
 RAW_DTYPES = {"bfloat16": "<u2", "float16": "<f2", "float32": "<f4"}  # bf16 travels as its 16-bit pattern
 
 
