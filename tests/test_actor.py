@@ -16,8 +16,8 @@ from encoder_service.job.unit_encoder import UNITS_IN_FLIGHT, UnitEncoder, chann
 from encoder_service.job.units import UnitBuilder, UnitPlan
 from encoder_service.quality import psnr, ssim
 from encoder_service.records import Clip, RunMeta, StageRow, to_table
-from encoder_service.table.writer import StagingWriter
 from encoder_service.storage import filesystem
+from encoder_service.table.writer import StagingWriter
 
 META = RunMeta("tiny", "0" * 64, "fp32", "test", [1.0] * 8, [0.0] * 8, "fp")
 

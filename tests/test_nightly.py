@@ -1,8 +1,9 @@
-"""A nightly run at the size users run: planning from listings (requests counted on the moto
-server), the folder index and its repair, one run per folder (the lease: real runs, SIGKILL,
-expiry, odd lease files), changed inputs encoded again, schema-2 folders read as they are."""
+"""A nightly run at the size users run: planning from the folder's Delta logs (requests counted on
+the moto server), group commits, one run per folder (the lease: real runs, SIGKILL, --break-lease,
+odd lease files, NaN), changed inputs encoded again, folders of the older layout migrated."""
 import dataclasses
 import json
+import math
 import os
 import shutil
 import signal
@@ -10,19 +11,22 @@ import subprocess
 import sys
 import time
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from conftest import GOLDEN
 from services import make_bucket, s3_server  # noqa: F401
+from tables import latent_rows, records, snapshot
 
 from benchmarks import synthetic_folder
 from encoder_service.job.config import fingerprint, load_config
 from encoder_service.job.plan import JobError, model_identity, prepare
-from encoder_service.records import ChannelStats, FolderTotals
+from encoder_service.records import FolderTotals
 from encoder_service.samples import write_tar, write_video
-from encoder_service.table import index as folder_index
+from encoder_service.storage import NotAtomic, put_if_absent
 from encoder_service.table import layout, totals
+from encoder_service.table.folder import OutputFolder
 from encoder_service.table.lease import Holder, Lease, LeaseError
-from encoder_service.storage import NotAtomic, filesystem, put_if_absent
 
 CKPT = str(GOLDEN / "weights.safetensors")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,10 +50,16 @@ def plan_once(cfg):
     return plan
 
 
-# ---- planning from listings ----------------------------------------------------------------------
-def test_planning_costs_listings_not_requests_per_shard(s3_server, monkeypatch):  # noqa: F811
-    """1,500 committed shards and 500 new ones on the moto server: a few dozen requests in all
-    (listings of 1,000 keys, the index segment, settings and lease), not one per shard."""
+def settings_of(cfg) -> dict:
+    model, digest, _ = model_identity(cfg)
+    return cfg.latent_settings(digest, model.to_dict())
+
+
+# ---- planning from the log -----------------------------------------------------------------------
+def test_planning_reads_the_log_not_objects_per_shard(s3_server, monkeypatch):  # noqa: F811
+    """1,500 committed shards and 500 new ones on the moto server: the two tables' logs (a checkpoint
+    each and the commits after it), the input listing (2 pages), settings and lease; no request per
+    shard."""
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     storage = s3_server.storage
@@ -59,63 +69,33 @@ def test_planning_costs_listings_not_requests_per_shard(s3_server, monkeypatch):
     cfg = config(f"{bucket}/in/shard-{{0000000..0001999}}.tar", f"{bucket}/out", "--s3-endpoint-url",
                  s3_server.endpoint)
     fp = folder_fingerprint(cfg)
-    synthetic_folder.write_committed(f"{bucket}/out", urls[:1500], fp, synthetic_folder.run_meta(fp), storage)
+    synthetic_folder.table_folder(f"{bucket}/out", fp, storage, settings_of(cfg))
+    synthetic_folder.commit_synthetic(f"{bucket}/out", urls[:1500], fp, synthetic_folder.run_meta(fp), storage,
+                                      group=500)
     before = s3_server.requests()
     plan = plan_once(cfg)
     requests = s3_server.requests() - before
     assert plan.skipped == 1500 and len(plan.todo) == 500 and plan.why == {"new": 500}
-    assert requests <= 0.05 * 2000, f"{requests} requests for 2,000 shards"
-    assert plan.history.shards == 1500 and plan.history.clips == 150000
+    print(f"planning: {requests} requests")
+    assert requests <= 60, f"{requests} requests for 2,000 shards"
+    assert plan.history.shards == 1500 and plan.history.clips == 151500  # 100 latents + 1 ledger row each
 
 
-def test_manifests_the_index_does_not_cover_are_read_once_then_indexed(tmp_path):
-    """A run killed before its index segment was written: its manifests are read (one request
-    each), indexed by the next run, and the run after reads none; the totals are the same."""
-    urls = synthetic_folder.input_urls(str(tmp_path / "in"), 300)
-    synthetic_folder.write_inputs(urls)
-    cfg = config(f"{tmp_path}/in/shard-{{0000000..0000299}}.tar", str(tmp_path / "out"))
-    fp = folder_fingerprint(cfg)
-    synthetic_folder.write_committed(str(tmp_path / "out"), urls[:200], fp, synthetic_folder.run_meta(fp))
-    synthetic_folder.write_committed(str(tmp_path / "out"), urls[200:250], fp, synthetic_folder.run_meta(fp),
-                                     indexed=False)
-    fs, root = filesystem(str(tmp_path / "out"))
-    scanned = folder_index.scan(fs, root)
-    assert len(scanned.shards) == 250 and len(scanned.unindexed) == 50
-    plan = plan_once(cfg)
-    assert plan.skipped == 250 and len(plan.todo) == 50
-    again = folder_index.scan(fs, root)
-    assert len(again.shards) == 250 and not again.unindexed and len(again.segments) == 2
-    kept, _ = folder_index.folder_totals(fs, root, again)
-    assert kept.shards == 250 and kept.ledger_reasons == {"probe/corrupt": 250}
-
-
-def test_a_rewritten_manifest_is_not_described_by_its_old_index_row(tmp_path):
-    """The index never lies: a manifest changed after its row was written is read again."""
-    urls = synthetic_folder.input_urls(str(tmp_path / "in"), 20)
-    synthetic_folder.write_inputs(urls)
-    synthetic_folder.write_committed(str(tmp_path / "out"), urls, "fp1", synthetic_folder.run_meta("fp1"))
-    path = tmp_path / "out" / layout.manifest_name("shard-0000003")
-    data = json.loads(path.read_text())
-    path.write_text(json.dumps({**data, "settings": "fp2"}, indent=1, sort_keys=True))
-    scanned = folder_index.scan(*filesystem(str(tmp_path / "out")))
-    assert scanned.shards["shard-0000003"].settings == "fp2" and scanned.shards["shard-0000004"].settings == "fp1"
-    assert [r.shard_id for r in scanned.unindexed] == ["shard-0000003"]
-
-
-def test_many_segments_are_compacted_into_one_with_the_same_totals(tmp_path):
+def test_the_shards_table_is_compacted_with_the_same_totals(tmp_path):
+    """Many group commits (and a shard redone) leave many small files in _shards/: the end of a run
+    rewrites its current records as one file; the totals and each shard's current record stay."""
     urls = synthetic_folder.input_urls(str(tmp_path / "in"), 40)
-    synthetic_folder.write_inputs(urls)
     out = str(tmp_path / "out")
-    for i in range(folder_index.MAX_SEGMENTS + 4):  # more segments than allowed, some rows rewritten
-        synthetic_folder.write_committed(out, urls[2 * i:2 * i + 4], "fp", synthetic_folder.run_meta("fp"))
-    fs, root = filesystem(out)
-    scanned = folder_index.scan(fs, root)
-    before, _ = folder_index.folder_totals(fs, root, scanned)
-    folder_index.repair(fs, root, scanned)
-    again = folder_index.scan(fs, root)
-    after, _ = folder_index.folder_totals(fs, root, again)
-    assert len(again.segments) == 1 and after.shards == before.shards == 40
-    assert_same_totals(after, before)
+    run = synthetic_folder.run_meta("fp")
+    for i in range(12):  # more files than SHARDS_FILES_BEFORE_COMPACTION, some shards committed twice
+        synthetic_folder.commit_synthetic(out, urls[3 * i:3 * i + 4], "fp", run, group=2)
+    folder = OutputFolder(out)
+    before, rows = totals.records_totals(folder.records()), records(out)
+    assert len(folder.shards().file_uris()) > 20
+    folder.finish(retention_hours=0)
+    assert len(folder.shards().file_uris()) == 1
+    assert_same_totals(totals.records_totals(folder.records()), before)
+    assert records(out) == rows and before.shards == 37
 
 
 def assert_same_totals(a: FolderTotals, b: FolderTotals) -> None:
@@ -127,34 +107,28 @@ def assert_same_totals(a: FolderTotals, b: FolderTotals) -> None:
         assert x.sum == pytest.approx(y.sum, rel=1e-12) and x.sum_sq == pytest.approx(y.sum_sq, rel=1e-12)
 
 
-def test_totals_merged_per_shard_equal_totals_over_all_manifests(tmp_path):
-    """The index's vectorised totals, the driver's one-shard-at-a-time merge and a sum over every
-    manifest agree (statistics to 1e-12 relative; QA p99 within one histogram bin)."""
+def test_totals_merged_per_shard_equal_the_vectorised_totals(tmp_path):
+    """The shards table's vectorised totals and the driver's one-shard-at-a-time merge agree
+    (statistics to 1e-12 relative; QA p99 within one histogram bin)."""
+    from encoder_service.records import ShardRecord, from_dict
     urls = synthetic_folder.input_urls(str(tmp_path / "in"), 60)
-    synthetic_folder.write_inputs(urls)
     out = str(tmp_path / "out")
-    synthetic_folder.write_committed(out, urls, "fp", synthetic_folder.run_meta("fp"))
-    fs, root = filesystem(out)
-    from encoder_service.table.manifest import read_manifest
-    manifests = [read_manifest(fs, root, u.rsplit("/", 1)[1][:-4]) for u in urls]
+    synthetic_folder.commit_synthetic(out, urls, "fp", synthetic_folder.run_meta("fp"))
+    table = OutputFolder(out).records()
     merged = FolderTotals()
-    for m in manifests:
-        totals.add_shard(merged, totals.shard_record(m, 0, ""))
-    vectorised, _ = folder_index.folder_totals(fs, root, folder_index.scan(fs, root))
+    for row in table.to_pylist():
+        totals.add_shard(merged, from_dict(ShardRecord, row))
+    vectorised = totals.records_totals(table)
     assert vectorised.shards == merged.shards == 60
     assert_same_totals(vectorised, merged)
-    drifts = sorted(q.drift_mean for m in manifests for q in m.qa)
-    exact_p99 = drifts[min(len(drifts) - 1, int(0.99 * len(drifts)))]
-    sketch_p99 = totals.qa_report(merged.qa)["drift_mean"]["p99"]
-    assert exact_p99 <= sketch_p99 <= exact_p99 * 10 ** (1 / totals.SKETCH_BINS_PER_DECADE) * 1.0001
+    assert totals.qa_report(vectorised.qa)["drift_mean"]["p99"] == totals.qa_report(merged.qa)["drift_mean"]["p99"]
 
 
 def test_inspect_of_a_large_folder_into_a_closed_pipe_is_quiet(tmp_path):
     """`inspect --json | head`: the reader closes the pipe early; no traceback, exit 0 (5,000
     shards: a report larger than the pipe's buffer)."""
     urls = synthetic_folder.input_urls(str(tmp_path / "in"), 5000)
-    synthetic_folder.write_inputs(urls)
-    synthetic_folder.write_committed(str(tmp_path / "out"), urls, "fp", synthetic_folder.run_meta("fp"))
+    synthetic_folder.commit_synthetic(str(tmp_path / "out"), urls, "fp", synthetic_folder.run_meta("fp"))
     result = subprocess.run(f"{sys.executable} -m encoder_service inspect {tmp_path / 'out'} --json | head -c 100",
                             shell=True, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and len(result.stdout) == 100 and "Traceback" not in result.stderr, result.stderr
@@ -162,44 +136,74 @@ def test_inspect_of_a_large_folder_into_a_closed_pipe_is_quiet(tmp_path):
 
 # ---- the lease -----------------------------------------------------------------------------------
 def test_the_lease_is_exclusive_renewed_released_and_taken_over_when_expired(tmp_path):
-    fs, root = filesystem(str(tmp_path / "out"))
-    first = Lease.acquire(fs, root, ttl_s=2.0)
-    with pytest.raises(LeaseError, match=f"in use by another run \\(host .*, pid {os.getpid()}"):
-        Lease.acquire(fs, root, ttl_s=2.0)
+    folder = OutputFolder(str(tmp_path / "out"))
+    first = Lease.acquire(folder, ttl_s=2.0)
+    with pytest.raises(LeaseError, match=f"in use by another run \\(host .*, pid {os.getpid()}.*--break-lease 1"):
+        Lease.acquire(folder, ttl_s=2.0)
     first.renew()
     assert first.valid()
     first.release()
-    second = Lease.acquire(fs, root, ttl_s=1.0)  # released: free at once
+    second = Lease.acquire(folder, ttl_s=1.0)  # released: free at once
     assert second.generation == first.generation + 1
-    time.sleep(1.2)                              # never renewed: expired
-    third = Lease.acquire(fs, root, ttl_s=1.0)
-    second.renew()                               # the old holder learns it lost the folder
+    time.sleep(1.2)                            # never renewed: expired
+    third = Lease.acquire(folder, ttl_s=1.0)
+    second.renew()                             # the old holder learns it lost the folder
     assert not second.valid() and "taken by another run" in second.lost
     assert third.valid()
     third.release()
     assert sorted(os.listdir(tmp_path / "out" / layout.LEASE)) == [f"{third.generation:012d}.json"]
 
 
+def test_a_holder_whose_process_is_gone_is_taken_over_at_once_and_break_lease_names_its_generation(tmp_path):
+    folder = OutputFolder(str(tmp_path / "out"))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    import socket
+    Lease.acquire(folder, ttl_s=600, holder=Holder(socket.gethostname(), dead.pid, None, time.time()))
+    taken = Lease.acquire(folder, ttl_s=600)  # its pid is gone on this host: no waiting for the ttl
+    assert taken.generation == 2
+    taken.release()  # a live holder on another host: only --break-lease takes it
+    Lease.acquire(folder, ttl_s=600, holder=Holder("elsewhere", 1, None, time.time()))
+    with pytest.raises(LeaseError, match="--break-lease 3"):
+        Lease.acquire(folder)
+    with pytest.raises(LeaseError, match="at generation 3, not 2; nothing was broken"):
+        Lease.acquire(folder, breaking=2)
+    broken = Lease.acquire(folder, breaking=3)
+    assert broken.generation == 4 and broken.valid()
+    broken.release()
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_a_lease_ttl_that_is_not_a_number_of_seconds_is_a_usage_error(tmp_path, value, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        config("x.tar", str(tmp_path), f"--lease-ttl-s={value}")
+    assert exit_.value.code == 2 and "lease ttl must be a finite number" in capsys.readouterr().err
+    with pytest.raises(LeaseError, match="positive number"):
+        Lease(None, "", 1, Holder("h", 1, None, 0.0), float(value))
+    assert not math.isfinite(float(value))
+
+
 def test_the_lease_on_s3_is_a_conditional_put(s3_server):  # noqa: F811
     storage = s3_server.storage
     bucket = make_bucket(storage, "lease")
-    fs, root = filesystem(f"{bucket}/out", storage)
+    folder = OutputFolder(f"{bucket}/out", storage)
+    fs, root = folder.fs, folder.root
     assert put_if_absent(fs, f"{root}/x", b"1") and not put_if_absent(fs, f"{root}/x", b"2")
     assert fs.cat_file(f"{root}/x") == b"1"
     holder = Holder("elsewhere", 7, "raysubmit_1", 0.0)
-    lease = Lease.acquire(fs, root, ttl_s=60, holder=holder)
+    lease = Lease.acquire(folder, ttl_s=60, holder=holder)
     with pytest.raises(LeaseError, match="host elsewhere, pid 7, Ray job raysubmit_1"):
-        Lease.acquire(fs, root)
+        Lease.acquire(folder)
     lease.release()
-    Lease.acquire(fs, root).release()
+    Lease.acquire(folder).release()
 
 
 def test_a_store_without_atomic_create_is_refused():
-    fs, root = filesystem("memory://wfvae-lease-test/out")
+    folder = OutputFolder("memory://wfvae-lease-test/out")
     with pytest.raises(NotAtomic):
-        put_if_absent(fs, f"{root}/x", b"1")
+        put_if_absent(folder.fs, f"{folder.root}/x", b"1")
     with pytest.raises(LeaseError, match="cannot create a file only if it is absent"):
-        Lease.acquire(fs, root)
+        Lease.acquire(folder)
 
 
 def test_a_lease_file_that_is_not_ours_is_one_line_and_nothing_is_touched(tmp_path):
@@ -244,12 +248,8 @@ def _encode(inputs, out, *extra, check=True, ray_address=None, popen=False):
     return result
 
 
-def _files(out) -> dict[str, bytes]:
-    found = {}
-    for folder in ("latents", "errors", "_manifests"):
-        for name in sorted(os.listdir(os.path.join(out, folder))):
-            found[f"{folder}/{name}"] = open(os.path.join(out, folder, name), "rb").read()
-    return found
+def _files(out) -> dict:
+    return snapshot(out)
 
 
 @pytest.mark.slow
@@ -263,7 +263,7 @@ def test_without_num_gpus_a_cluster_without_gpus_encodes_on_the_cpu_and_says_so(
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "the cluster has no GPU and no autoscaler that adds any: encoding on the CPU" in result.stdout
-    assert json.loads((tmp_path / "out" / "summary.json").read_text())["last_run"]["config"]["num_gpus"] == 0
+    assert json.loads((tmp_path / "out" / layout.SUMMARY).read_text())["last_run"]["config"]["num_gpus"] == 0
 
 
 @pytest.mark.slow
@@ -282,22 +282,21 @@ def test_two_runs_started_at_once_one_encodes_the_other_exits_2(night, tmp_path)
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("local_ray")
-def test_a_killed_holders_lease_expires_and_the_next_run_takes_over(night, tmp_path):
-    """SIGKILL a run holding the lease (ttl 4 s): a run at once is refused (exit 2, before Ray, in
-    seconds); once the lease has expired the next run takes over, cleans up, and completes."""
+def test_a_killed_holder_on_this_host_is_taken_over_at_once(night, tmp_path):
+    """SIGKILL a run holding the lease (ttl 600 s) while it encodes: the next run on this host sees
+    the holder's process gone, takes over at once (no waiting for the ttl) and completes the folder
+    as a clean run does."""
     inputs, out = f"{night}/shard-{{000000..000002}}.tar", tmp_path / "out"
-    proc = _encode(inputs, out, "--lease-ttl-s", "4", popen=True)
+    proc = _encode(inputs, out, popen=True)
     deadline = time.time() + 120
-    while time.time() < deadline and not (out / layout.STAGING).exists():
+    while time.time() < deadline and not (out / layout.LATENTS).exists():
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(30)
     start = time.time()
-    refused = _encode(inputs, out, check=False)
-    assert refused.returncode == 2 and "in use by another run" in refused.stderr and time.time() - start < 30
-    time.sleep(4.5)
-    taken = _encode(inputs, out, "--lease-ttl-s", "4")
-    assert "took over" in taken.stdout
+    taken = _encode(inputs, out)
+    assert "took over" in taken.stdout and "its process is gone" in taken.stdout
+    assert time.time() - start < 120
     _encode(inputs, tmp_path / "clean")
     assert _files(out) == _files(tmp_path / "clean")
 
@@ -313,19 +312,19 @@ def test_a_changed_input_is_encoded_again_and_its_old_files_replaced(night, tmp_
     inputs, out = f"{d}/shard-{{000000..000002}}.tar", tmp_path / "out"
     first = run_job(config(inputs, str(out), "--file-mb", "0.002"))
     assert first["shards_done"] == 3
-    old_files = [f["name"] for f in json.loads((out / "_manifests" / "shard-000001.json").read_text())["files"]]
+    old_files = [f["name"] for f in records(out)["shard-000001"]["files"]]
     _shard(d / "shard-000001.tar", tmp_path, 1, videos=1)
     second = run_job(config(inputs, str(out), "--file-mb", "0.002"))
     assert second["shards_done"] == 1 and second["shards_skipped"] == 2 and second["shards_by_reason"] == {"changed": 1}
-    manifest = json.loads((out / "_manifests" / "shard-000001.json").read_text())
-    assert manifest["input"]["size"] == os.path.getsize(d / "shard-000001.tar")
-    assert len(manifest["files"]) < len(old_files)
-    assert not any(os.path.exists(out / n) for n in set(old_files) - {f["name"] for f in manifest["files"]})
+    record = records(out)["shard-000001"]
+    assert record["input"]["size"] == os.path.getsize(d / "shard-000001.tar")
+    assert len(record["files"]) < len(old_files)
+    assert not set(old_files) & set(_files(out)["files"]), "the old files are removed in the same commit"
     assert run_job(config(inputs, str(out), "--file-mb", "0.002"))["shards_done"] == 0
     run_job(config(inputs, str(tmp_path / "clean"), "--file-mb", "0.002"))
     assert _files(out) == _files(tmp_path / "clean")
-    folder = json.loads((out / "summary.json").read_text())
-    clean = json.loads((tmp_path / "clean" / "summary.json").read_text())
+    folder = json.loads((out / layout.SUMMARY).read_text())
+    clean = json.loads((tmp_path / "clean" / layout.SUMMARY).read_text())
     assert {k: folder[k] for k in ("shards", "clips", "latents", "ledger_by_reason")} == {
         k: clean[k] for k in ("shards", "clips", "latents", "ledger_by_reason")}
     for kind in ("mean", "logvar"):  # merged in another order: equal to rounding
@@ -335,7 +334,9 @@ def test_a_changed_input_is_encoded_again_and_its_old_files_replaced(night, tmp_
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("local_ray")
-def test_content_identity_ignores_a_touch_and_verify_finds_missing_files(night, tmp_path):
+def test_content_identity_sees_a_same_size_rewrite_and_verify_finds_missing_files(night, tmp_path):
+    """--input-identity sha256: a touch (new mtime, same bytes) changes nothing; a rewrite of the same
+    size with the mtime put back is encoded again. --verify-existing size finds a missing data file."""
     from encoder_service.job.run import run_job
     d = tmp_path / "in"
     shutil.copytree(night, d, ignore=shutil.ignore_patterns("media"))
@@ -345,41 +346,79 @@ def test_content_identity_ignores_a_touch_and_verify_finds_missing_files(night, 
     os.utime(d / "shard-000000.tar", (time.time() + 100, time.time() + 100))  # new mtime, same bytes
     same = run_job(config(inputs, str(out), "--input-identity", "sha256"))
     assert same["shards_done"] == 0 and same["shards_skipped"] == 2
-    os.unlink(out / "latents" / "part-shard-000001-00000.parquet")   # a manifest without its files
-    assert run_job(config(inputs, str(out), "--input-identity", "sha256"))["shards_done"] == 0  # trusted
-    redone = run_job(config(inputs, str(out), "--input-identity", "sha256", "--verify-existing", "size"))
+    path = d / "shard-000001.tar"
+    st, data = path.stat(), bytearray(path.read_bytes())
+    data[-2000] ^= 0x01  # inside the tar's zero padding: same size, other bytes
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    changed = run_job(config(inputs, str(out), "--input-identity", "sha256"))
+    assert changed["shards_by_reason"] == {"changed": 1}
+    (out / sorted(before["files"])[-1]).unlink()   # a record without its file
+    sha = ("--input-identity", "sha256")
+    assert run_job(config(inputs, str(out), *sha))["shards_done"] == 0  # trusted
+    redone = run_job(config(inputs, str(out), *sha, "--verify-existing", "size"))
     assert redone["shards_done"] == 1 and redone["shards_by_reason"] == {"incomplete": 1}
-    assert _files(out) == before
+    assert _files(out)["files"] == before["files"]  # (the rewritten input's record has its new identity)
 
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("local_ray")
-def test_a_folder_of_schema_2_is_planned_and_indexed(night, tmp_path):
-    """Manifests as the previous version wrote them (scale/shift as JSON strings, statistics with
-    mean/std, no input identity, no index): complete shards are skipped, and indexed."""
+def test_a_folder_of_the_older_layout_is_refused_then_migrated(night, tmp_path):
+    """A folder as schema 3 wrote it (manifests, ledgers in errors/, an index, _settings.json): the
+    job refuses it in one line naming `migrate`; `migrate` makes it a table in place (twice: no
+    change), and the job then finds every shard complete; the rows are the same."""
     from encoder_service.job.run import run_job
     inputs, out = f"{night}/shard-{{000000..000001}}.tar", tmp_path / "out"
     run_job(config(inputs, str(out)))
-    shutil.rmtree(out / layout.INDEX)
-    for path in (out / "_manifests").iterdir():
-        m = json.loads(path.read_text())
-        m["schema_version"], m["checkpoint_sha256"] = "2", m["run"]["vae_sha256"]
-        m["run"] = {**m["run"], "scale": json.dumps(m["run"]["scale"]), "shift": json.dumps(m["run"]["shift"])}
-        m["stats"] = {k: {**totals.channel_summary(ChannelStats(**v))} for k, v in m["stats"].items()}
-        del m["input"]
-        path.write_text(json.dumps(m))
+    rows = sorted((r["key"], r["mean"]) for r in latent_rows(out, ["key", "mean"]))
+    _to_schema_3(out)
+    with pytest.raises(JobError, match="written before output folders became Delta tables.*migrate"):
+        prepare(config(inputs, str(out)))
+    result = subprocess.run([sys.executable, "-m", "encoder_service", "migrate", str(out)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "2 shards moved into the table" in result.stdout, result.stderr
+    again = subprocess.run([sys.executable, "-m", "encoder_service", "migrate", str(out)], cwd=ROOT,
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "nothing to do" in again.stdout
     record = run_job(config(inputs, str(out)))
     assert record["shards_skipped"] == 2 and record["shards_done"] == 0
-    assert len(folder_index.scan(*filesystem(str(out))).unindexed) == 0
-    assert json.loads((out / "summary.json").read_text())["shards"] == 2
+    assert sorted(os.listdir(out)) == sorted(["_delta_log", "_shards", "_lease", "_runs", "latents", "_summary.json"])
+    assert sorted((r["key"], r["mean"]) for r in latent_rows(out, ["key", "mean"])) == rows
+
+
+def _to_schema_3(out) -> None:
+    """The folder as the previous version left it: the same data files under unhashed names."""
+    recs = records(out)
+    settings = OutputFolder(str(out)).settings(OutputFolder(str(out)).latents())
+    for sid, r in recs.items():
+        files = []
+        for u, f in enumerate(r["files"]):
+            name = f"{layout.LATENTS}/part-{sid}-{u:05d}.parquet"
+            os.replace(out / f["name"], out / name)
+            files.append({**{k: f[k] for k in ("rows", "bytes", "sha256")}, "name": name})
+        (out / "errors").mkdir(exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(r["ledger"]), out / "errors" / f"errors-{sid}.parquet")
+        (out / "_manifests").mkdir(exist_ok=True)
+        manifest = {"schema_version": "3", "shard_id": sid, "settings": r["settings"],
+                    "run": {"vae_sha256": r["checkpoint_sha256"], "settings": r["settings"]},
+                    "source_url": r["source_url"], "input": r["input"], "clips": r["clips"], "latents": r["latents"],
+                    "ledger_reasons": dict(r["ledger_reasons"]), "non_finite_rejected": 0,
+                    "stats": {k: {c: r["stats"][k][c] for c in ("count", "sum", "sum_sq")} for k in ("mean", "logvar")},
+                    "qa": [], "files": files, "errors": {"name": f"errors/errors-{sid}.parquet"}}
+        (out / "_manifests" / f"{sid}.json").write_text(json.dumps(manifest))
+    (out / "_settings.json").write_text(json.dumps(settings))
+    (out / "_index").mkdir()
+    (out / "_index" / "seg-000000000001.parquet").write_bytes(b"not parquet")
+    for name in ("_delta_log", "_shards"):
+        shutil.rmtree(out / name)
+    (out / layout.SUMMARY).rename(out / "summary.json")
 
 
 def test_an_interrupted_plan_releases_the_lease(tmp_path):
     """A mistake found after the lease was taken (other settings) leaves the folder free."""
     out = tmp_path / "out"
-    out.mkdir()
-    (out / layout.SETTINGS).write_text(json.dumps({"fingerprint": "other", "settings": {"size": "64x64"}}))
+    synthetic_folder.table_folder(str(out), "other", settings={"size": "64x64"})
     (tmp_path / "x.tar").write_bytes(b"")
     with pytest.raises(JobError, match="other settings"):
         prepare(config(str(tmp_path / "x.tar"), str(out)))
-    Lease.acquire(*filesystem(str(out))).release()
+    Lease.acquire(OutputFolder(str(out))).release()

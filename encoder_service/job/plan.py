@@ -28,7 +28,7 @@ from encoder_service.model.wfvae import check_weights_fit, resolve_checkpoint
 from encoder_service.options import precision
 from encoder_service.records import FolderTotals, InputIdentity, RunMeta
 from encoder_service.storage import StorageOptions, filesystem, is_local, list_prefix, scrub, sha256_of
-from encoder_service.table import layout, totals
+from encoder_service.table import totals
 from encoder_service.table.folder import Committed, FolderError, OutputFolder
 from encoder_service.table.lease import Lease, LeaseError
 
@@ -248,7 +248,8 @@ def prepare(cfg: JobConfig) -> Plan:
 def _plan(cfg, storage, urls, folder: OutputFolder, model, digest, run_meta, lease) -> Plan:
     settings = cfg.latent_settings(digest, model.to_dict())
     fp, latents = adopt_settings(folder, settings, cfg.overwrite)
-    committed = Committed.read(folder, latents)
+    shards = folder.shards()
+    committed = Committed.read(folder, latents, shards)
     ids = [shard_id_of(u) for u in urls]
     identities = input_identities(urls, storage)
     hashes = {}
@@ -268,17 +269,12 @@ def _plan(cfg, storage, urls, folder: OutputFolder, model, digest, run_meta, lea
     todo = [(urls[i], ids[i]) for i in positions]
     old = _old_files(committed.files, [sid for _, sid in todo])
     pending = {sid: Pending(_with_hash(identities.get(url), hashes.get(url)), old.get(sid, {})) for url, sid in todo}
-    _remove_local_temporaries(folder)
+    folder.remove_temporaries()
     records = committed.records
     redo = pc.is_in(records["shard_id"], pa.array(list(pending), pa.string())) if records.num_rows else None
     base = totals.records_totals(records.filter(pc.invert(redo)) if redo is not None else records)
     redone = records.filter(redo) if redo is not None else records
     return Plan(len(urls), todo, pending, complete, Counter(reasons), settings, fp,
-                RunMeta(**{**run_meta.__dict__, "settings": fp}), model, folder, lease, latents, folder.shards(),
+                RunMeta(**{**run_meta.__dict__, "settings": fp}), model, folder, lease, latents, shards,
                 base, totals.add_totals(base, totals.records_totals(redone)), redone)
 
-
-def _remove_local_temporaries(folder: OutputFolder) -> None:
-    """Files a crashed run was writing locally (the lease is ours: no live run writes them)."""
-    if is_local(folder.fs) and folder.fs.exists(folder.path(layout.LOCAL_TMP)):
-        folder.fs.rm(folder.path(layout.LOCAL_TMP), recursive=True)

@@ -182,6 +182,7 @@ def _run(cfg: JobConfig, plan: Plan, stop: StopSignals) -> dict:
               "shards_left_for_next_run": len(plan.todo) - driver.totals.shards_done - len(failed),
               "table": _finish_table(plan, cfg, interrupted is None)}
     write_records(plan.folder, folder, record)
+    plan.folder.remove_temporaries()
     print("[summary] " + scrub(json.dumps({k: record[k] for k in ("shards_done", "shards_skipped", "shards_failed",
                                                                    "clips", "latents", "errors", "clips_per_s")})),
           flush=True)

@@ -64,9 +64,9 @@ class Committed:
     disagree: pa.Array              # shard ids whose record and files disagree: not committed
 
     @classmethod
-    def read(cls, folder: "OutputFolder", latents: DeltaTable) -> "Committed":
+    def read(cls, folder: "OutputFolder", latents: DeltaTable, shards: DeltaTable | None = None) -> "Committed":
         files = OutputFolder.files(latents)
-        records = folder.records()
+        records = folder.records(table=shards)
         bad = OutputFolder.consistent(records, files) if records.num_rows else pc.unique(files["shard_id"])
         if records.num_rows:
             records = records.filter(pc.invert(pc.is_in(records["shard_id"], bad)))
@@ -147,9 +147,10 @@ class OutputFolder:
         return pa.table({"path": paths, "shard_id": pc.struct_field(shards, "shard"), "bytes": actions["size_bytes"],
                          "rows": actions["num_records"], "first_key": stat("min.key"), "bucket": stat("min.bucket")})
 
-    def records(self, columns: list[str] | None = None) -> pa.Table:
-        """Every shard's current record (its row with the largest commit), the given columns."""
-        table = self.shards()
+    def records(self, columns: list[str] | None = None, table: DeltaTable | None = None) -> pa.Table:
+        """Every shard's current record (its row with the largest commit), the given columns, from the
+        shards table (opened here unless given)."""
+        table = table or self.shards()
         wanted = None if columns is None else sorted({"shard_id", "commit", *columns})
         uris = table.file_uris() if is_local(self.fs) else [u.split("://", 1)[1] for u in table.file_uris()]
         rows = pads.dataset(uris, format="parquet", schema=SHARD_SCHEMA,
@@ -207,6 +208,11 @@ class OutputFolder:
                                         mode, SHARD_SCHEMA,
                                         post_commithook_properties=PostCommitHookProperties(create_checkpoint=True))
         shards.update_incremental()
+
+    def remove_temporaries(self) -> None:
+        """Local files being written when a run stopped (call under the lease: no live run writes them)."""
+        if is_local(self.fs) and self.fs.exists(self.path(layout.LOCAL_TMP)):
+            self.fs.rm(self.path(layout.LOCAL_TMP), recursive=True)
 
     # ---- the end of a run -------------------------------------------------------------------------
     def finish(self, retention_hours: int) -> dict:

@@ -186,6 +186,8 @@ def _live(current: dict) -> bool:
 def _generations(fs, root: str) -> list[int]:
     found = []
     for entry in list_prefix(fs, join(root, layout.LEASE)):
+        if entry.name.startswith("."):
+            continue  # a renewal being written (table/writer.py: put_small)
         stem = entry.name[:-len(".json")]
         if entry.name.endswith(".json") and stem.isdigit():
             found.append(int(stem))

@@ -56,6 +56,7 @@ def migrate(url: str, storage: StorageOptions | None = None, log=print) -> dict:
         if folder.fs.exists(folder.path(name)):
             folder.fs.rm(folder.path(name), recursive=True)
     folder.latents().create_checkpoint()
+    folder.remove_temporaries()
     log(f"[migrate] {url}: {len(todo)} shards moved into the table ({len(done)} were already), old bookkeeping "
         "removed")
     return {"shards": len(todo), "already": len(done)}

@@ -66,22 +66,28 @@ def write_table_file(fs, root: str, path: str, table) -> int:
     return size
 
 
-def put_small(fs, root: str, path: str, data: bytes) -> str:
-    """Publish a small file (JSON bookkeeping) whole; returns the tag a listing will show for it
-    (shards/index.py compares them): the ETag on S3, the mtime in ns locally."""
+def put_small(fs, root: str, path: str, data: bytes) -> None:
+    """Publish a small file (JSON bookkeeping) whole: on local disk written beside its place under a
+    dot name and renamed (readers of the folder never see half a file, and no temporary folder is
+    left), elsewhere put in one request."""
     if is_s3(fs):
         bucket, key, _ = fs.split_path(path)
-        reply = retry(lambda: fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data))
+        retry(lambda: fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data))
         fs.invalidate_cache(path)
-        return reply["ETag"].strip('"')
-    local = _temporary(fs, root, ".json")
-    with open(local, "wb") as f:
-        f.write(data)
-    _publish(fs, local, path)
-    if is_local(fs):
-        return str(os.stat(fs._strip_protocol(path)).st_mtime_ns)
-    info = fs.info(path)
-    return str(info.get("ETag") or info.get("mtime") or info.get("size"))
+        return
+    if not is_local(fs):
+        retry(lambda: fs.pipe_file(path, data))
+        return
+    target = fs._strip_protocol(path)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    local = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(local, "wb") as f:
+            f.write(data)
+        os.replace(local, target)
+    finally:
+        if os.path.exists(local):
+            os.unlink(local)
 
 
 def _temporary(fs, root: str, suffix: str) -> str:
