@@ -39,8 +39,8 @@ from encoder_service.job.units import UnitBuilder, UnitPlan
 from encoder_service.model import WFVAE, WFVAEConfig
 from encoder_service.quality import psnr, ssim
 from encoder_service.records import Clip, RunMeta, StageRow, to_table
-from encoder_service.table.writer import StagingWriter
 from encoder_service.storage import filesystem
+from encoder_service.table.writer import UnitWriter
 
 LATENT_DIM = 16  # WF-VAE-L
 MS_PER_CLIP_512 = (25.0, 50.0)
@@ -91,7 +91,7 @@ def run(encoder, table, units: int, in_flight: int, batch_size: int, folder: str
     """`units` calls of the actor's code, `in_flight` at a time; wall and model seconds."""
     fs, root = filesystem(folder)
     meta = RunMeta("wfvae-l-16chn", "0" * 64, "bf16", "bench", [1.0] * LATENT_DIM, [0.0] * LATENT_DIM, "bench")
-    coder = UnitEncoder(encoder, StagingWriter(fs, root, meta), meta, batch_size, True)
+    coder = UnitEncoder(encoder, UnitWriter(fs, root, meta), meta, batch_size, True)
     model, critical, lock, todo = [0.0], [0.0], threading.Lock(), list(range(units))
     span = [float("inf"), 0.0]
 

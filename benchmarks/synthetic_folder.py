@@ -15,7 +15,16 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 
 from encoder_service.ingest.inputs import input_identities
-from encoder_service.records import ChannelStats, DataFile, LatentRow, LedgerRow, QaRow, RunMeta, ShardRecord, ShardStats
+from encoder_service.records import (
+    ChannelStats,
+    DataFile,
+    LatentRow,
+    LedgerRow,
+    QaRow,
+    RunMeta,
+    ShardRecord,
+    ShardStats,
+)
 from encoder_service.storage import filesystem, is_local
 from encoder_service.table import layout, totals
 from encoder_service.table.folder import OutputFolder, ShardCommit
@@ -48,7 +57,7 @@ def record(shard_id: str, files: list[DataFile], ledger: list[LedgerRow], fp: st
         reasons[f"{row.stage}/{row.reason}"] += 1
     return ShardRecord(shard_id, f"s3://in/{shard_id}.tar", fp, identity, run.vae_sha256,
                        latents + len(ledger) if clips is None else clips, latents, dict(reasons), 0,
-                       sum(f.bytes for f in files), stats, totals.qa_summary(qa), files, ledger)
+                       sum(f.bytes for f in files), stats, totals.qa_summary(qa), files, ledger, qa)
 
 
 def commit_rows(url: str, shards: dict[str, list[LatentRow]], ledgers: dict[str, list[LedgerRow]] | None = None,

@@ -16,7 +16,7 @@ from encoder_service.ingest.inputs import expand_inputs, input_identities
 from encoder_service.ingest.tar_stream import shard_id_of
 from encoder_service.storage import StorageOptions
 from encoder_service.table import layout, totals
-from encoder_service.table.folder import Committed, FolderError, OutputFolder
+from encoder_service.table.folder import FolderError, OutputFolder
 
 
 def _read_json(folder: OutputFolder, name: str) -> dict | None:
@@ -40,17 +40,17 @@ def open_folder(output: str, storage: StorageOptions | None = None) -> OutputFol
 
 def inspect_folder(output: str, inputs: list[str] | None = None, storage: StorageOptions | None = None,
                    examples: int = 3) -> dict:
-    """Read only: the folder's tables, _summary.json (the last run's failures and drift)."""
+    """Read only: the shards table (its log and its data files; the latents table is not opened:
+    records are committed after the latents they describe, so a record never names files the table
+    lacks), and _summary.json (the last run's failures and drift)."""
     folder = open_folder(output, storage)
-    latents = folder.latents()
-    committed = Committed.read(folder, latents)
-    records = committed.records
+    last_run = (_read_json(folder, layout.SUMMARY) or {}).get("last_run", {})
+    records = folder.records()
     done = set(records["shard_id"].to_pylist())
     folder_totals = totals.records_totals(records)
-    last_run = (_read_json(folder, layout.SUMMARY) or {}).get("last_run", {})
     failed = {k: v for k, v in last_run.get("failed_shards", {}).items() if k not in done}
-    settings = OutputFolder.settings(latents) or {}
-    report = {"output": output, "version": latents.version(), "settings": settings.get("settings"),
+    version = pc.max(records["commit"]).as_py() if records.num_rows else 0
+    report = {"output": output, "version": version, "settings": last_run.get("settings"),
               "shards_done": sorted(done), "shards_failed": failed, **_folder_fields(folder_totals),
               "ledger": _ledger(records, folder_totals.ledger_reasons, examples),
               "last_run_drift": (last_run.get("quality") or {}).get("drift")}

@@ -196,6 +196,7 @@ class ShardRecord:
     qa: QaSummary
     files: list[DataFile]         # its latent data files: exactly the latents table's files of this shard
     ledger: list[LedgerRow]       # the samples and clips of the shard that gave no latent
+    qa_rows: list[QaRow]          # its quality-checked clips (qa summarises them)
     commit: int = -1              # the latents table version that added its files
 
 

@@ -167,15 +167,27 @@ def _list_s3(fs, folder: str, name_prefix: str) -> Iterator[Listed]:
         kwargs["ContinuationToken"] = page["NextContinuationToken"]
 
 
-def server_copy(fs, src: str, dst: str) -> None:
-    """Copy an object inside the store without passing its bytes through here: one CopyObject on S3
-    (objects up to 5 GB, as data files are), the filesystem's own copy elsewhere."""
-    if is_s3(fs):
-        (sb, sk, _), (db, dk, _) = fs.split_path(src), fs.split_path(dst)
-        retry(lambda: fs.call_s3("copy_object", Bucket=db, Key=dk, CopySource={"Bucket": sb, "Key": sk}))
-        fs.invalidate_cache(dst)
+def list_names(fs, folder: str) -> Iterator[str]:
+    """Names of the files and folders directly in `folder`: one request on S3 (first 1,000), one
+    directory scan locally; a missing folder has none."""
+    folder = folder.rstrip("/")
+    if is_local(fs):
+        try:
+            yield from os.listdir(fs._strip_protocol(folder))
+        except (FileNotFoundError, NotADirectoryError):
+            return
+    elif is_s3(fs):
+        bucket, key, _ = fs.split_path(folder)
+        base = f"{key}/" if key else ""
+        page = retry(lambda: fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=base, Delimiter="/",
+                                        MaxKeys=LIST_PAGE))
+        yield from (p["Prefix"][len(base):].rstrip("/") for p in page.get("CommonPrefixes", []))
+        yield from (o["Key"][len(base):] for o in page.get("Contents", []))
     else:
-        retry(lambda: fs.copy(src, dst))
+        try:
+            yield from (e.rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(folder, detail=False))
+        except FileNotFoundError:
+            return
 
 
 class NotAtomic(Exception):

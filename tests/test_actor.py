@@ -17,7 +17,7 @@ from encoder_service.job.units import UnitBuilder, UnitPlan
 from encoder_service.quality import psnr, ssim
 from encoder_service.records import Clip, RunMeta, StageRow, to_table
 from encoder_service.storage import filesystem
-from encoder_service.table.writer import StagingWriter
+from encoder_service.table.writer import UnitWriter
 
 META = RunMeta("tiny", "0" * 64, "fp32", "test", [1.0] * 8, [0.0] * 8, "fp")
 
@@ -40,7 +40,7 @@ def unit_tables(n_units: int, clips: int = 5, shape=(9, 32, 40)) -> list[pa.Tabl
 def encode_all(tables, in_flight: int, folder) -> dict:
     fs, root = filesystem(str(folder))
     encoder = LatentEncoder(random_vae(small_config()), "fp32", chunk_frames=4)
-    coder = UnitEncoder(encoder, StagingWriter(fs, root, META), META, batch_size=2, store_logvar=True)
+    coder = UnitEncoder(encoder, UnitWriter(fs, root, META), META, batch_size=2, store_logvar=True)
     results, todo, lock = {}, list(tables), threading.Lock()
 
     def worker():

@@ -3,15 +3,14 @@ the driver, two CPU-only ingest nodes and an encoder node with a logical GPU, pl
 One ingest node is removed in the middle of the run: the output equals a clean run's byte for byte,
 no row is missing or duplicated, and a rerun writes nothing."""
 import json
-import os
 import threading
 import time
 
-import pyarrow.dataset
 import pytest
 import ray
 from conftest import GOLDEN
 from ray.cluster_utils import Cluster
+from tables import latent_rows, shard_ids
 from test_job import files
 
 from encoder_service.job.config import load_config
@@ -53,17 +52,16 @@ def job(shards, out):
         "--encoder-labels", "wfvae-role=encoder", "--progress-every-s", "1000", "--metrics-linger-s", "0"]))
 
 
-def remove_when_first_unit_is_staged(cluster: Cluster, node, out, removed: dict) -> threading.Thread:
-    """Kill `node` as soon as the first unit's data file is staged (encoding has begun; commits are
-    concurrent and quick, so waiting for the first commit can be waiting for the last); records how
-    many shards were committed then."""
+def remove_when_first_unit_is_written(cluster: Cluster, node, out, removed: dict) -> threading.Thread:
+    """Kill `node` as soon as the first unit's data file is written (encoding has begun; commits are
+    quick, so waiting for the first commit can be waiting for the last); records how many shards
+    were committed then."""
     def watch():
-        staging, manifests = out / "_staging", out / "_manifests"
         deadline = time.time() + 300
-        while time.time() < deadline and not any(staging.glob("*/*.parquet")):
+        while time.time() < deadline and not any((out / "latents").glob("*.parquet")):
             time.sleep(0.02)
         cluster.remove_node(node, allow_graceful=False)
-        removed["committed_then"] = len(list(manifests.iterdir())) if manifests.exists() else 0
+        removed["committed_then"] = len(shard_ids(out)) if (out / "_shards" / "_delta_log").exists() else 0
     thread = threading.Thread(target=watch, daemon=True)
     thread.start()
     return thread
@@ -75,18 +73,16 @@ def test_a_node_lost_mid_run_changes_nothing(cluster, shards, tmp_path):
     assert clean["shards_done"] == SHARDS and clean["shards_failed"] == 0
 
     removed = {}
-    watcher = remove_when_first_unit_is_staged(c, ingest_b, tmp_path / "lost", removed)
+    watcher = remove_when_first_unit_is_written(c, ingest_b, tmp_path / "lost", removed)
     lost = job(shards, tmp_path / "lost")
     watcher.join()
     assert removed["committed_then"] < SHARDS, "the node was lost in the middle of the run"
     assert lost["shards_done"] == SHARDS and lost["latents"] == clean["latents"]
     assert files(tmp_path / "lost") == files(tmp_path / "clean")
-    keys = pyarrow.dataset.dataset(str(tmp_path / "lost" / "latents")).to_table().column("key").to_pylist()
+    keys = [r["key"] for r in latent_rows(tmp_path / "lost", ["key"])]
     assert len(keys) == len(set(keys)) == clean["latents"]
 
     before = files(tmp_path / "lost")
     again = job(shards, tmp_path / "lost")
     assert again["shards_skipped"] == SHARDS and files(tmp_path / "lost") == before
-    assert json.load(open(tmp_path / "lost" / "summary.json"))["latents"] == clean["latents"]
-    staging = tmp_path / "lost" / "_staging"
-    assert not staging.exists() or not os.listdir(staging)
+    assert json.load(open(tmp_path / "lost" / "_summary.json"))["latents"] == clean["latents"]

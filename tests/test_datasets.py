@@ -169,7 +169,7 @@ def test_span_mistakes_are_ledger_rows(videos, tmp_path):
 
 def test_spans_end_to_end_with_captions_in_the_latent_rows(panda_shard, tmp_path, local_ray):
     from encoder_service.job.run import run_job
-    from encoder_service.table import LatentShardDataset
+    from encoder_service.reader import LatentShardDataset
     out = tmp_path / "out"
     cfg = load_config(["--input", str(panda_shard), "--output", str(out), "--checkpoint",
                        str(GOLDEN / "weights.safetensors"), "--num-frames", "9", "--size", "32x32", "--fps", "8",
@@ -178,7 +178,7 @@ def test_spans_end_to_end_with_captions_in_the_latent_rows(panda_shard, tmp_path
                        "--metrics-linger-s", "0"])
     summary = run_job(cfg)
     assert (summary["latents"], summary["errors"]) == (3, 2)  # counts add up: 5 spans
-    rows = sorted(LatentShardDataset(str(out)), key=lambda r: r["key"])
+    rows = sorted(LatentShardDataset(str(out), shuffle=False), key=lambda r: r["key"])
     assert [(r["caption"], r["span"]) for r in rows] == [("a test card", [0.0, 1.5]),
                                                          ("the test card later", [4.25, 9.0]),
                                                          ("runs past the end", [18.0, 25.0])]

@@ -16,6 +16,7 @@ import yaml
 from conftest import GOLDEN
 from prometheus_client.parser import text_string_to_metric_families
 from services import CLUSTER_ENV, RAY, free_port, prometheus, ray_head, require_prometheus
+from tables import records
 
 from encoder_service.metrics import DEFINITIONS, UNITLESS
 from encoder_service.samples import write_tar, write_video
@@ -146,10 +147,10 @@ def test_every_dashboard_query_has_data_from_a_submitted_job(shards, tmp_path):
         texts = scrape_while(proc, f"http://127.0.0.1:{metrics_port}/metrics")
         log = proc.communicate(timeout=400)[0]
         assert proc.returncode == 0, log[-4000:]
-        summary = json.load(open(out / "summary.json"))["last_run"]
+        summary = json.load(open(out / "_summary.json"))["last_run"]
         assert summary["shards_done"] == 4 and summary["latents"] > 20 and summary["errors"] == 4
         assert f'"latents": {summary["latents"]}' in log  # the job's own summary line, streamed back by Ray
-        assert json.load(open(out / "_manifests" / "shard-000000.json"))["errors"]["rows"] == 1
+        assert len(records(out)["shard-000000"]["ledger"]) == 1
         expected = {"ray_wfvae_latents_written_total": summary["latents"], "ray_wfvae_errors_total": summary["errors"],
                     "ray_wfvae_clips_encoded_total": summary["latents"], "ray_wfvae_job_runs_total": 1}
         # until Prometheus has scraped the last values (the driver's final ones come in its last seconds)

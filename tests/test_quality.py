@@ -4,12 +4,12 @@ import json
 import os
 import shutil
 
-import pyarrow.dataset
 import pytest
 import torch
 from conftest import GOLDEN
 from safetensors.torch import load_file, save_file
 from services import make_bucket, s3_server  # noqa: F401
+from tables import latent_rows, records
 
 from encoder_service import cli
 from encoder_service.job.config import load_config
@@ -17,7 +17,8 @@ from encoder_service.job.qa import selected
 from encoder_service.job.run import run_job
 from encoder_service.records import ChannelStats
 from encoder_service.samples import write_tar, write_video
-from encoder_service.table import decode_tensor, totals
+from encoder_service.table import totals
+from encoder_service.table.schema import decode_tensor
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("local_ray")]
 
@@ -55,19 +56,19 @@ def fp32_run(shards, tmp_path_factory):
     return out, job(f"{shards}/shard-000000.tar", out, "--qa-fraction", "1")
 
 
-def test_manifest_statistics_equal_the_part_files(fp32_run):
+def test_shard_statistics_equal_the_latent_rows(fp32_run):
     out, record = fp32_run
-    manifest = json.load(open(out / "_manifests" / "shard-000000.json"))
-    rows = pyarrow.dataset.dataset(str(out / "latents")).to_table().to_pylist()
+    manifest = records(out)["shard-000000"]
+    rows = latent_rows(out)
     for kind in ("mean", "logvar"):
         x = torch.stack([decode_tensor(r[kind], r["latent_shape"], r["latent_dtype"]) for r in rows]).double()
         per_channel = x.transpose(0, 1).flatten(1)
-        stats = totals.channel_summary(ChannelStats(**manifest["stats"][kind]))  # manifests hold sums
+        stats = totals.channel_summary(ChannelStats(**manifest["stats"][kind]))  # records hold sums
         assert stats["count"] == [per_channel.shape[1]] * per_channel.shape[0]
         assert torch.allclose(torch.tensor(stats["mean"], dtype=torch.float64), per_channel.mean(1), atol=1e-9)
         assert torch.allclose(torch.tensor(stats["std"], dtype=torch.float64), per_channel.std(1, unbiased=False),
                               atol=1e-7)
-    assert manifest["run"]["vae_sha256"] == record["settings"]["checkpoint_sha256"]
+    assert manifest["checkpoint_sha256"] == record["settings"]["checkpoint_sha256"]
     assert manifest["non_finite_rejected"] == 0
 
 
@@ -82,8 +83,7 @@ def test_drift_against_fp32(fp32_run, shards, tmp_path, precision, low, high):
     assert qa["clips"] == record["latents"]
     assert low <= qa["drift_mean"]["mean"] <= qa["drift_mean"]["max"] <= high, qa
     assert qa["psnr_db"] > 0 and -1 <= qa["ssim"] <= 1
-    manifest = json.load(open(out / "_manifests" / "shard-000000.json"))
-    assert len(manifest["qa"]) == record["latents"] and "random weights" in qa["note"]
+    assert len(records(out)["shard-000000"]["qa_rows"]) == record["latents"] and "random weights" in qa["note"]
 
 
 def test_the_qa_sample_is_deterministic_for_a_seed(shards, tmp_path):
@@ -92,8 +92,8 @@ def test_the_qa_sample_is_deterministic_for_a_seed(shards, tmp_path):
     assert a == [k for k in keys if selected(k, 0, 0.1)] and a != [k for k in keys if selected(k, 1, 0.1)]
     assert 150 < len(a) < 250  # ~10 %
     record = job(f"{shards}/shard-000000.tar", tmp_path / "out", "--qa-fraction", "0.5", "--seed", "3")
-    clips = pyarrow.dataset.dataset(str(tmp_path / "out" / "latents")).to_table().column("key").to_pylist()
-    sampled = [q["key"] for q in json.load(open(tmp_path / "out" / "_manifests" / "shard-000000.json"))["qa"]]
+    clips = [r["key"] for r in latent_rows(tmp_path / "out", ["key"])]
+    sampled = [q["key"] for q in records(tmp_path / "out")["shard-000000"]["qa_rows"]]
     assert sorted(sampled) == sorted(k for k in clips if selected(k, 3, 0.5))  # the run samples what the seed says
     assert record["quality"]["qa"]["clips"] == len(sampled) > 0
 

@@ -122,12 +122,12 @@ class Driver:
         stats = functools.reduce(totals.add_shard_stats, (ShardStats(r.mean_stats, r.logvar_stats) for r in results),
                                  ShardStats())
         files = [r.file for r in results if r.file is not None]
+        qa = sorted((q for r in results for q in r.qa), key=lambda q: q.key)
         return ShardRecord(sid, scrub(state.end.source_url), self.plan.fingerprint, self.plan.pending[sid].input,
                            self.plan.run_meta.vae_sha256, state.end.clips, sum(f.rows for f in files),
                            dict(sorted(reasons.items())), reasons.get("encode/non_finite_latent", 0),
                            sum(f.bytes for f in files), stats,
-                           totals.qa_summary(sorted((q for r in results for q in r.qa), key=lambda q: q.key)),
-                           files, ledger)
+                           totals.qa_summary(qa), files, ledger, qa)
 
     def tick(self, force: bool = False) -> None:
         """Commit the group when it is full, old enough, or (force) at the end; one commit at a time."""

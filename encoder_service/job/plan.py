@@ -27,7 +27,7 @@ from encoder_service.model.checkpoint import CheckpointError, sha256_file
 from encoder_service.model.wfvae import check_weights_fit, resolve_checkpoint
 from encoder_service.options import precision
 from encoder_service.records import FolderTotals, InputIdentity, RunMeta
-from encoder_service.storage import StorageOptions, filesystem, is_local, list_prefix, scrub, sha256_of
+from encoder_service.storage import StorageOptions, filesystem, is_local, scrub, sha256_of
 from encoder_service.table import totals
 from encoder_service.table.folder import Committed, FolderError, OutputFolder
 from encoder_service.table.lease import Lease, LeaseError
@@ -96,7 +96,7 @@ def check_output(output: str, storage: StorageOptions | None) -> OutputFolder:
         _check_local_output(output, Path(folder.root))
     else:
         try:
-            next(iter(list_prefix(folder.fs, folder.root, "_")), None)  # one request
+            folder.entries()  # one request, kept for what follows
         except Exception as exc:  # noqa: BLE001 - unreachable, no credentials, no permission, timeouts
             raise JobError(scrub(f"--output {output}: the store did not answer a listing ({type(exc).__name__}: "
                                  f"{exc}); check --s3-endpoint-url, the credentials and the network")) from None

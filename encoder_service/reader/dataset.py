@@ -65,7 +65,7 @@ class LatentShardDataset(IterableDataset):
             raise ValueError(f"weights must be {len(folders)} non-negative numbers, not all 0, got {weights!r}")
         self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
         self.block = batch_size or max(1, min(shuffle_buffer, 256))  # rows read together (items: in blocks)
-        self.window_batches = max(1, shuffle_buffer // self.block) if shuffle else 1
+        self.shuffle_buffer = shuffle_buffer
         self.sample, self.dtype, self.prefetch_bytes = sample, dtype, prefetch_bytes
         self.pin_memory = pin_memory and torch.cuda.is_available()
         self.rank, self.world_size = rank, world_size
@@ -75,6 +75,18 @@ class LatentShardDataset(IterableDataset):
         self.files = self._snapshot(tables)
         if not self.files:
             raise ShardError(f"no latent data files in {folders!r} (version {self.version})")
+        self.window_batches = self._window_batches()
+
+    def _window_batches(self) -> dict[str, int]:
+        """Batches mixed together per group: about shuffle_buffer rows, but never more than half of
+        prefetch_bytes (the rows of a window are held at once; the other half reads ahead)."""
+        row_bytes: dict[str, float] = {}
+        for f in self.files:
+            row_bytes[f.group] = max(row_bytes.get(f.group, 0.0), f.bytes / max(1, f.rows))
+        if not self.shuffle:
+            return dict.fromkeys(row_bytes, 1)
+        return {g: max(1, min(self.shuffle_buffer // self.block, int(self.prefetch_bytes / 2 // (b * self.block))))
+                for g, b in row_bytes.items()}
 
     # ---- the snapshot ---------------------------------------------------------------------------
     @staticmethod
@@ -91,12 +103,13 @@ class LatentShardDataset(IterableDataset):
         out = []
         for k, (folder, table) in enumerate(zip(self.folders, tables)):
             files = OutputFolder.files(table)
-            for path, sid, rows, bucket in zip(*(files[c].to_pylist() for c in ("path", "shard_id", "rows", "bucket"))):
+            columns = (files[c].to_pylist() for c in ("path", "shard_id", "rows", "bytes", "bucket"))
+            for path, sid, rows, size, bucket in zip(*columns):
                 if rows is None or bucket is None:
                     raise ShardError(f"{folder.url}: {path} has no row count or bucket in the log; migrate the "
                                      "folder again (python -m encoder_service migrate)")
                 group = f"{fingerprints[k]}/{bucket}" if mixed else bucket
-                out.append(SnapshotFile(k, folder.path(path), sid, rows, group))
+                out.append(SnapshotFile(k, folder.path(path), sid, rows, size, group))
         return out
 
     # ---- epochs and state -------------------------------------------------------------------------
@@ -243,7 +256,7 @@ class _WindowReader:
     def _read_window(self, w: int) -> pa.Table:
         parts = [self._read(s.file, s.start, s.stop) for j in self.windows[w] for s in self.batches[j].segments]
         table = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
-        if self.ds.shuffle and self.ds.window_batches > 1:
+        if self.ds.shuffle and len(self.windows[w]) > 1:
             first = self.batches[self.windows[w][0]]
             order = rng(self.ds.seed, self.ds.epoch, w, first.index, len(first.group)).permutation(table.num_rows)
             table = table.take(order)
@@ -283,13 +296,13 @@ class _WindowReader:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _windows(batches: list[Batch], per_window: int) -> tuple[list[tuple[int, int]], list[list[int]]]:
+def _windows(batches: list[Batch], per_window: dict[str, int]) -> tuple[list[tuple[int, int]], list[list[int]]]:
     """(window, position) of each batch, and each window's batches: consecutive batches of one group
-    in the worker's order, per_window at a time."""
+    in the worker's order, per_window[group] at a time."""
     window_of, windows, current = [], [], {}
     for i, b in enumerate(batches):
         w = current.get(b.group)
-        if w is None or len(windows[w]) >= per_window:
+        if w is None or len(windows[w]) >= per_window[b.group]:
             w = current[b.group] = len(windows)
             windows.append([])
         window_of.append((w, len(windows[w])))

@@ -27,6 +27,7 @@ class SnapshotFile:
     uri: str
     shard_id: str
     rows: int
+    bytes: int            # its size in the log: what a window of its rows costs to hold
     group: str            # bucket (and folder settings, where folders differ): rows of one shape
 
 

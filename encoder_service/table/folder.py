@@ -28,20 +28,21 @@ from dataclasses import dataclass, replace
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 from deltalake import DeltaTable
 from deltalake.exceptions import DeltaError, TableNotFoundError
 from deltalake.transaction import AddAction, CommitProperties, PostCommitHookProperties, RemoveAction
 
 from encoder_service import records
 from encoder_service.records import DataFile, LatentRow, ShardRecord
-from encoder_service.storage import StorageOptions, filesystem, is_local, join, scrub
+from encoder_service.storage import StorageOptions, filesystem, is_local, join, list_names, scrub
 from encoder_service.table import layout
 from encoder_service.table.writer import write_table_file
 
 LATENT_SCHEMA = records.schema(LatentRow)
 SHARD_SCHEMA = records.schema(ShardRecord)
 SHARDS_FILES_BEFORE_COMPACTION = 8     # the shards table is rewritten as one file when it has more
+WHOLE_READ_BYTES = 64 << 20            # a shards-table file this small is read in one request
 DEFAULT_VACUUM_RETENTION_HOURS = 168   # Delta's own default (delta.deletedFileRetentionDuration, 7 days)
 
 
@@ -79,6 +80,7 @@ class OutputFolder:
         self.fs, root = filesystem(self.url, self.storage)
         self.root = root.rstrip("/")
         self.delta_options = self.storage.for_delta(self.url)
+        self._entries: set[str] | None = None
 
     # ---- names ------------------------------------------------------------------------------------
     def path(self, *parts: str) -> str:
@@ -92,12 +94,18 @@ class OutputFolder:
         return join(base, *parts)
 
     # ---- what is there ---------------------------------------------------------------------------
+    def entries(self) -> set[str]:
+        """Names directly in the folder, files and folders (one listing; cached until create())."""
+        if self._entries is None:
+            self._entries = set(list_names(self.fs, self.root))
+        return self._entries
+
     def is_table(self) -> bool:
-        return self.fs.exists(self.path(layout.DELTA_LOG))
+        return layout.DELTA_LOG in self.entries()
 
     def is_legacy(self) -> bool:
         """A folder of manifests and an index (schema 2/3) not yet migrated to a table."""
-        return not self.is_table() and any(self.fs.exists(self.path(m)) for m in layout.LEGACY_MARKERS)
+        return not self.is_table() and bool(self.entries() & set(layout.LEGACY_MARKERS))
 
     def latents(self, version: int | None = None) -> DeltaTable:
         return self._open(self.uri(), version)
@@ -119,6 +127,7 @@ class OutputFolder:
     # ---- settings (the latents table's description) ---------------------------------------------
     def create(self, settings: dict) -> None:
         """Both tables, empty, with the folder's settings: {"fingerprint": ..., "settings": {...}}."""
+        self._entries = None
         description = json.dumps(settings, sort_keys=True)
         DeltaTable.create(self.uri(), LATENT_SCHEMA, mode="ignore", description=description,
                           storage_options=self.delta_options)
@@ -152,9 +161,10 @@ class OutputFolder:
         shards table (opened here unless given)."""
         table = table or self.shards()
         wanted = None if columns is None else sorted({"shard_id", "commit", *columns})
-        uris = table.file_uris() if is_local(self.fs) else [u.split("://", 1)[1] for u in table.file_uris()]
-        rows = pads.dataset(uris, format="parquet", schema=SHARD_SCHEMA,
-                            filesystem=self._arrow_fs()).to_table(columns=wanted, use_threads=False)
+        files = pa.table(table.get_add_actions())
+        parts = [self._read_shards_file(path, size, wanted) for path, size in
+                 zip(files["path"].to_pylist(), files["size_bytes"].to_pylist())]
+        rows = pa.concat_tables(parts) if parts else SHARD_SCHEMA.empty_table().select(wanted or SHARD_SCHEMA.names)
         if rows.num_rows == 0:
             return rows
         keys = pa.table({"shard_id": rows["shard_id"], "commit": rows["commit"], "row": pa.array(range(rows.num_rows))})
@@ -162,12 +172,15 @@ class OutputFolder:
         current = keys.join(newest, ["shard_id", "commit"], join_type="inner")["row"]
         return rows.take(current.take(pc.sort_indices(current)))  # in the table's order
 
-    def _arrow_fs(self):
-        """A pyarrow filesystem for the URIs delta-rs gives (local paths, or the store's own)."""
-        if is_local(self.fs):
-            return None
-        import pyarrow.fs as pafs
-        return pafs.PyFileSystem(pafs.FSSpecHandler(self.fs))
+    def _read_shards_file(self, name: str, size: int, columns: list[str] | None) -> pa.Table:
+        """One file of the shards table: small ones (what compaction leaves below WHOLE_READ_BYTES) in
+        one request, larger ones by column chunks."""
+        path = self.path(layout.SHARDS, name)
+        if not is_local(self.fs) and size <= WHOLE_READ_BYTES:
+            source = pa.BufferReader(self.fs.cat_file(path, start=0, end=size))  # a range: no HEAD first
+        else:
+            source = path if is_local(self.fs) else self.fs.open(path, "rb")
+        return pq.read_table(source, columns=columns, schema=SHARD_SCHEMA, use_threads=False)
 
     @staticmethod
     def consistent(records: pa.Table, files: pa.Table) -> pa.Array:

@@ -69,13 +69,13 @@ def _record(folder: OutputFolder, shard_id: str) -> ShardRecord:
              for kind, s in (raw.get("stats") or {}).items()}
     files = [_data_file(folder, f) for f in raw["files"]]
     ledger = _ledger(folder, raw["errors"]["name"]) if raw.get("errors", {}).get("name") else []
-    qa = totals.qa_summary([from_dict(QaRow, q) for q in raw.get("qa") or []])
+    qa_rows = [from_dict(QaRow, q) for q in raw.get("qa") or []]
     return ShardRecord(shard_id, scrub(raw.get("source_url", "")), raw.get("settings") or run.get("settings", ""),
                        from_dict(InputIdentity, raw.get("input")), run["vae_sha256"], raw["clips"], raw["latents"],
                        dict(raw.get("ledger_reasons") or {}), raw.get("non_finite_rejected", 0),
                        sum(f.bytes for f in files),
                        ShardStats(*(from_dict(ChannelStats, stats.get(k)) for k in ("mean", "logvar"))),
-                       qa, files, ledger)
+                       totals.qa_summary(qa_rows), files, ledger, qa_rows)
 
 
 def _data_file(folder: OutputFolder, entry: dict) -> DataFile:
