@@ -52,7 +52,7 @@ def normalise(url: str) -> str:
     """One spelling per local file (`dir//./x.tar` is `dir/x.tar`), so the same shard named twice is
     encoded once. Object-store keys are kept as given: `a//b` and `a/b` are different S3 objects."""
     scheme, sep, path = url.rpartition("://")
-    if sep and scheme != "file":
+    if (sep and scheme != "file") or ("//" not in path and "./" not in path):
         return url
     path = re.sub(r"/+", "/", path)
     path = re.sub(r"(?:^|(?<=/))\./", "", path) or "."

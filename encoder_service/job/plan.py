@@ -10,6 +10,7 @@ column arithmetic, not a Python loop per shard. A shard is encoded when it is ne
 committed (size and ETag or mtime differ; with --input-identity sha256, also the content's hash).
 Data files are re-checked only under --verify-existing.
 """
+import dataclasses
 import os
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -26,13 +27,15 @@ from encoder_service.job.config import PIPELINE_VERSION, JobConfig, fingerprint
 from encoder_service.model.checkpoint import CheckpointError, sha256_file
 from encoder_service.model.wfvae import check_weights_fit, resolve_checkpoint
 from encoder_service.options import precision
-from encoder_service.records import FolderTotals, InputIdentity, RunMeta
+from encoder_service.records import FolderTotals, InputIdentity, RunMeta, ShardRecord
 from encoder_service.storage import StorageOptions, filesystem, is_local, scrub, sha256_of
 from encoder_service.table import totals
 from encoder_service.table.folder import Committed, FolderError, OutputFolder
 from encoder_service.table.lease import Lease, LeaseError
 
 _THREADS = 16  # concurrent requests where a request per shard is asked for (--verify-existing, sha256)
+# what planning reads of the shard records: not their ledgers and QA rows (the bulk of the table)
+PLAN_COLUMNS = [f.name for f in dataclasses.fields(ShardRecord) if f.name not in ("ledger", "qa_rows")]
 
 
 class JobError(Exception):
@@ -55,7 +58,7 @@ class Plan:
     why: Counter                            # todo shards by reason: new, changed, incomplete, settings, overwrite
     settings: dict                          # the latent-affecting settings
     fingerprint: str
-    run_meta: RunMeta                       # stored with every latent and manifest
+    run_meta: RunMeta                       # stored with every latent row and shard record
     model: object                           # the WFVAEConfig
     folder: OutputFolder
     lease: Lease
@@ -249,7 +252,7 @@ def _plan(cfg, storage, urls, folder: OutputFolder, model, digest, run_meta, lea
     settings = cfg.latent_settings(digest, model.to_dict())
     fp, latents = adopt_settings(folder, settings, cfg.overwrite)
     shards = folder.shards()
-    committed = Committed.read(folder, latents, shards)
+    committed = Committed.read(folder, latents, shards, PLAN_COLUMNS)
     ids = [shard_id_of(u) for u in urls]
     identities = input_identities(urls, storage)
     hashes = {}

@@ -65,9 +65,11 @@ class Committed:
     disagree: pa.Array              # shard ids whose record and files disagree: not committed
 
     @classmethod
-    def read(cls, folder: "OutputFolder", latents: DeltaTable, shards: DeltaTable | None = None) -> "Committed":
+    def read(cls, folder: "OutputFolder", latents: DeltaTable, shards: DeltaTable | None = None,
+             columns: list[str] | None = None) -> "Committed":
+        """columns: of the records (default all; "files" is always read)."""
         files = OutputFolder.files(latents)
-        records = folder.records(table=shards)
+        records = folder.records(None if columns is None else sorted({*columns, "files"}), table=shards)
         bad = OutputFolder.consistent(records, files) if records.num_rows else pc.unique(files["shard_id"])
         if records.num_rows:
             records = records.filter(pc.invert(pc.is_in(records["shard_id"], bad)))

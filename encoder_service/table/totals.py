@@ -2,7 +2,7 @@
 the QA summary, and the drift of a run's statistics against the folder's history.
 
 Everything here is a running merge: adding a shard costs O(channels + histogram bins), whatever
-the number of shards before it, so the driver (per commit), summary.json and `inspect` use the
+the number of shards before it, so the driver (per commit), _summary.json and `inspect` use the
 same code at any folder size. The latent statistics are sums per channel (count, sum, sum of
 squares); the QA drifts are kept as log-histograms (SKETCH_BINS_PER_DECADE bins per decade), so
 their p99 is exact to within one bin (2.3 % relative) and two summaries merge by adding.
@@ -15,7 +15,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from encoder_service import records
 from encoder_service.records import ChannelStats, FolderTotals, QaRow, QaSummary, ShardRecord, ShardStats, Sketch
 
 # the drift alert's bound, also reported in the run record: a channel mean that moved by more than
@@ -42,7 +41,7 @@ def add_shard_stats(a: ShardStats, b: ShardStats) -> ShardStats:
 
 
 def channel_summary(stats: ChannelStats | None) -> dict | None:
-    """Sums -> {count, sum, sum_sq, mean, std} per channel (what summary.json and the metrics show)."""
+    """Sums -> {count, sum, sum_sq, mean, std} per channel (what _summary.json and the metrics show)."""
     if stats is None:
         return None
     mean = [t / max(n, 1) for t, n in zip(stats.sum, stats.count)]
@@ -165,10 +164,27 @@ def records_totals(t: pa.Table) -> FolderTotals:
     out.checkpoints = sorted(c for c in pc.unique(t["checkpoint_sha256"]).to_pylist() if c)
     stats = t["stats"].combine_chunks()
     out.stats = ShardStats(_sum_stats(stats.field("mean")), _sum_stats(stats.field("logvar")))
-    qa = t["qa"].combine_chunks()
-    for row in qa.filter(pc.greater(qa.field("clips"), 0)).to_pylist():
-        out.qa = add_qa(out.qa, records.from_dict(QaSummary, row))
+    out.qa = _sum_qa(t["qa"].combine_chunks())
     return out
+
+
+def _sum_qa(qa: pa.StructArray) -> QaSummary:
+    """QA summaries of many shards merged at once: sums, maxima, and histograms added per bin."""
+    def total(array, how="sum"):
+        return (pc.sum(array) if how == "sum" else pc.max(array)).as_py() or 0
+    present = qa.filter(pc.greater(qa.field("clips"), 0))
+    if len(present) == 0:
+        return QaSummary()
+    sketches = []
+    for name in ("drift_mean", "drift_logvar"):
+        s = present.field(name)
+        bins = pa.table({"b": pc.list_flatten(s.field("bins")), "c": pc.list_flatten(s.field("counts"))})
+        merged = bins.group_by("b").aggregate([("c", "sum")]).sort_by("b")
+        sketches.append(Sketch(int(total(s.field("count"))), float(total(s.field("total"))),
+                               float(total(s.field("max"), "max")), merged["b"].to_pylist(),
+                               merged["c_sum"].to_pylist()))
+    return QaSummary(int(total(present.field("clips"))), *sketches, float(total(present.field("psnr_sum"))),
+                     int(total(present.field("psnr_finite"))), float(total(present.field("ssim_sum"))))
 
 
 def _sum_stats(column: pa.StructArray) -> ChannelStats | None:
@@ -187,7 +203,7 @@ def _sum_stats(column: pa.StructArray) -> ChannelStats | None:
 
 
 def folder_report(t: FolderTotals) -> dict:
-    """The folder's totals as summary.json and `inspect --json` show them."""
+    """The folder's totals as _summary.json and `inspect --json` show them."""
     return {"shards": t.shards, "clips": t.clips, "latents": t.latents,
             "ledger_rows": sum(t.ledger_reasons.values()), "ledger_by_reason": dict(sorted(t.ledger_reasons.items())),
             "latent_file_bytes": t.file_bytes, "non_finite_rejected": t.non_finite_rejected,
