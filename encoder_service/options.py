@@ -1,10 +1,11 @@
 """Every option vocabulary, defined and parsed once: the job, the CLI, the reader and the benchmarks
 all use these. A parser returns the typed value or raises OptionError, which argparse prints as a
-usage error (exit 2, one line) and everything else sees as a ValueError."""
+usage error (exit 2, one line) and everything else sees as a ValueError. Importing it imports no
+torch (ingest workers and the reader's planning parse options too): dtypes are named here and made
+torch dtypes only where a tensor needs one."""
 import argparse
+import importlib
 from dataclasses import dataclass
-
-import torch
 
 MAX_FRAMES = 1025       # frames per clip
 MAX_SIDE = 8192         # pixels per clip side
@@ -84,21 +85,37 @@ def clip_mode(text) -> ClipMode:
     raise OptionError(f"clips per video must be first, all, uniform:N, random:N (N >= 1) or spans, got {text!r}")
 
 
+def _torch_dtype(name: str):
+    return getattr(importlib.import_module("torch"), name)
+
+
 @dataclass(frozen=True)
 class Precision:
-    """A precision policy: the dtype the encoder computes in, the dtype latents are stored in,
-    whether float32 matmuls/convolutions may use TF32, and the label stored with every latent."""
+    """A precision policy: the dtype the encoder computes in, the dtype latents are stored in (torch
+    names), whether float32 matmuls/convolutions may use TF32, and the label stored with every latent."""
     name: str
-    compute: torch.dtype
-    storage: torch.dtype
+    compute_name: str
+    storage_name: str
     tf32: bool
     label: str
 
+    @property
+    def compute(self):
+        return _torch_dtype(self.compute_name)
+
+    @property
+    def storage(self):
+        return _torch_dtype(self.storage_name)
+
+    @property
+    def storage_bytes(self) -> int:
+        return STORAGE_BYTES[self.storage_name]
+
 
 PRECISIONS = {p.name: p for p in (
-    Precision("bf16", torch.bfloat16, torch.bfloat16, False, "bf16-weights-activations_fp32-norm-stats"),
-    Precision("fp32", torch.float32, torch.float32, False, "fp32"),  # TF32 off: fp32 means fp32
-    Precision("tf32", torch.float32, torch.float32, True, "fp32-storage_tf32-matmul-conv"),
+    Precision("bf16", "bfloat16", "bfloat16", False, "bf16-weights-activations_fp32-norm-stats"),
+    Precision("fp32", "float32", "float32", False, "fp32"),  # TF32 off: fp32 means fp32
+    Precision("tf32", "float32", "float32", True, "fp32-storage_tf32-matmul-conv"),
 )}
 
 
@@ -110,30 +127,31 @@ def precision(text) -> Precision:
     return PRECISIONS[text]
 
 
-# model/compute dtypes by option spelling (the CLI's and benchmarks' --dtype)
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
-# latents are stored in one of these, named as torch names them ("bfloat16", ...)
-STORAGE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# model/compute dtypes by option spelling (the CLI's and benchmarks' --dtype), as torch names them
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "fp64": "float64"}
+# latents are stored in one of these, named as torch names them, with their sizes in bytes
+STORAGE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 
-def dtype(text) -> torch.dtype:
+def dtype(text):
+    """The torch dtype an option names (torch is imported here, by whoever asks for a dtype)."""
     if text not in DTYPES:
         raise OptionError(f"dtype must be one of {', '.join(DTYPES)}, got {text!r}")
-    return DTYPES[text]
+    return _torch_dtype(DTYPES[text])
 
 
-def dtype_name(value: torch.dtype) -> str:
+def dtype_name(value) -> str:
     """The stored spelling of a latent dtype: "bfloat16", "float16" or "float32"."""
-    if value not in STORAGE_DTYPES:
+    name = str(value).removeprefix("torch.")
+    if name not in STORAGE_BYTES:
         raise ValueError(f"latents must be bfloat16, float16 or float32, got {value}")
-    return str(value).removeprefix("torch.")
+    return name
 
 
-def stored_dtype(name: str) -> torch.dtype:
-    for value in STORAGE_DTYPES:
-        if dtype_name(value) == name:
-            return value
-    raise ValueError(f"unknown latent_dtype {name!r} (known: {', '.join(map(dtype_name, STORAGE_DTYPES))})")
+def stored_dtype(name: str):
+    if name not in STORAGE_BYTES:
+        raise ValueError(f"unknown latent_dtype {name!r} (known: {', '.join(STORAGE_BYTES)})")
+    return _torch_dtype(name)
 
 
 DEVICES = ("auto", "cuda", "cpu")

@@ -95,7 +95,10 @@ def test_ingest_benchmark_smoke(tmp_path):
 
 def test_reader_benchmark_smoke(tmp_path):
     env = {**os.environ, "WFVAE_BENCH_RESULTS": str(tmp_path)}
-    result = subprocess.run([sys.executable, "-m", "benchmarks.bench_reader", "--shards", "1", "--rows", "8",
-                             "--workers", "0"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-m", "benchmarks.bench_reader", "--shards", "2", "--rows", "8",
+                             "--workers", "0", "--latent", "16x3x8x8", "--batch-size", "4", "--prefetch-mb", "1"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads((tmp_path / "reader_cpu.json").read_text())
+    record = json.loads((tmp_path / "reader_cpu.json").read_text())
+    assert record["results"]["reader"]["rows"] == record["results"]["pyarrow"]["rows"] == 16
+    assert record["reader_over_pyarrow"] > 0 and record["memory"][0]["prefetch_mb"] == 1

@@ -3,7 +3,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from encoder_service.cli import main, to_model_input
+from encoder_service.cli import main
+from encoder_service.clip_commands import to_model_input
 from encoder_service.ingest.decoders import get_decoder, probe
 from encoder_service.ingest.geometry import plan_geometry
 from encoder_service.samples import write_video

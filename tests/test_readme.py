@@ -1,4 +1,4 @@
-"""Every command and snippet in the README is run by a test. Each fenced bash/python block carries a
+"""Every command and snippet in the README and docs/ is run by a test. Each fenced bash/python block carries a
 marker on the line before it: `<!-- readme-test: run -->` (run here, in README order: bash lines in
 a shell at the repository root, python blocks in a fresh interpreter with the example bucket folder
 replaced by the demo's output folder) or `<!-- readme-test: covered-by WHAT -->` naming the test (or
@@ -12,14 +12,15 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-README = (ROOT / "README.md").read_text()
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 BLOCK = re.compile(r"(?:<!-- readme-test: (?P<marker>[^>]*?) -->\n)?```(?P<lang>\w*)\n(?P<body>.*?)```", re.S)
 EXAMPLE_FOLDER = "s3://bucket/latents/wfvae-l"
 pytestmark = pytest.mark.slow
 
 
 def blocks():
-    return [(m["marker"], m["lang"], m["body"]) for m in BLOCK.finditer(README)]
+    """Every fenced block of the README, then of docs/ (README order within each)."""
+    return [(m["marker"], m["lang"], m["body"]) for doc in DOCS for m in BLOCK.finditer(doc.read_text())]
 
 
 def test_every_code_block_says_how_it_is_tested():

@@ -122,20 +122,22 @@ def test_corrupted_bytes_are_an_error_naming_the_file_and_shard(tmp_path):
 
 @pytest.mark.parametrize("damage", ["truncated commit", "random checkpoint", "foreign last checkpoint"])
 def test_a_damaged_log_is_one_line_everywhere(tmp_path, damage):
-    """Delta detects the damage; planning, inspect and the reader each say it in one line."""
+    """Delta detects the damage; planning, inspect and the reader each say it in one line (the same
+    damage done to both tables' logs: the reader reads the latents table's, inspect the shards')."""
     _, rows = make_rows(torch.float32, n=3)
     commit_rows(str(tmp_path), {"000": rows}, run=RUN)
     commit_rows(str(tmp_path), {"001": make_rows(torch.float32, 3, "001", 1)[1]}, run=RUN)
-    log = tmp_path / "_delta_log"
-    if damage == "truncated commit":
-        path = log / f"{2:020d}.json"
-        path.write_bytes(path.read_bytes()[:40])
-    else:
-        DeltaTable(str(tmp_path)).create_checkpoint()
-        if damage == "random checkpoint":
-            (log / f"{2:020d}.checkpoint.parquet").write_bytes(os.urandom(3000))
+    for table in (tmp_path, tmp_path / "_shards"):
+        log = table / "_delta_log"
+        if damage == "truncated commit":
+            path = log / f"{2:020d}.json"
+            path.write_bytes(path.read_bytes()[:40])
         else:
-            (log / "_last_checkpoint").write_text('{"version": 7, "size": 3}')
+            DeltaTable(str(table)).create_checkpoint()
+            if damage == "random checkpoint":
+                (log / f"{2:020d}.checkpoint.parquet").write_bytes(os.urandom(3000))
+            else:
+                (log / "_last_checkpoint").write_text('{"version": 7, "size": 3}')
     with pytest.raises(FolderError, match="Delta log cannot be read") as err:
         inspect_folder(str(tmp_path))
     assert "\n" not in str(err.value)

@@ -19,12 +19,13 @@ import yaml
 
 from encoder_service import metrics
 from encoder_service.ingest.clips import IngestConfig
+from encoder_service.ingest.stage import ingest_shards
 from encoder_service.job import faults
 from encoder_service.job.config import JobConfig, to_json
 from encoder_service.job.driver import Driver, Totals
 from encoder_service.job.plan import JobError, Plan, prepare
 from encoder_service.job.progress import Progress
-from encoder_service.job.stages import EncoderSpec, EncodeUnits, ingest_shards
+from encoder_service.job.stages import EncoderSpec, EncodeUnits
 from encoder_service.job.stop import Interrupted, StopSignals
 from encoder_service.job.summary import folder_after_run, write_records
 from encoder_service.job.unit_encoder import UNITS_IN_FLIGHT

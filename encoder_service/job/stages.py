@@ -1,10 +1,7 @@
-"""The two distributed stages. Rows between them are records.StageRow, typed Arrow columns.
-
-    ingest_shards   CPU tasks, one shard each: clips -> units (job/units.py), then the shard's end
-                    row (clip and unit counts, ingest ledger, or why the shard could not be read)
-    EncodeUnits     the encoder actor pool: each call takes one unit, encodes it, writes its data
-                    file into the output's staging area and returns a UnitResult; end rows pass
-                    through. Only small records leave an actor, never latents.
+"""The encoder stage: EncodeUnits, the encoder actor pool. Each call takes one unit (rows between
+stages are records.StageRow, typed Arrow columns; the ingest stage is ingest/stage.py), encodes it,
+writes its data file into the output folder and returns a UnitResult; end rows pass through. Only
+small records leave an actor, never latents.
 """
 import os
 import sys
@@ -18,16 +15,12 @@ import torch
 
 from encoder_service import metrics
 from encoder_service.engine import LatentEncoder
-from encoder_service.ingest.clips import IngestConfig, IngestedClip, ShardUnavailable, ingest_shard
 from encoder_service.job import faults
 from encoder_service.job.qa import QualityCheck
 from encoder_service.job.unit_encoder import UnitEncoder, UnitOutput
-from encoder_service.job.units import UnitBuilder, UnitPlan
 from encoder_service.records import (
     Clip,
-    LedgerRow,
     RunMeta,
-    ShardEnd,
     StageRow,
     Unit,
     UnitResult,
@@ -36,40 +29,6 @@ from encoder_service.records import (
 )
 from encoder_service.storage import StorageOptions, filesystem, scrub
 from encoder_service.table.writer import UnitWriter
-
-
-# ---- ingest -------------------------------------------------------------------------------------
-def ingest_shards(shards: pa.Table, cfg: IngestConfig, units: UnitPlan):
-    """map_batches UDF (CPU tasks): each input row is one shard; yields one-row tables."""
-    for url, shard_id in zip(shards["url"].to_pylist(), shards["shard_id"].to_pylist()):
-        for row in shard_rows(url, shard_id, cfg, units):
-            yield to_table([row], StageRow)
-
-
-def shard_rows(url: str, shard_id: str, cfg: IngestConfig, plan: UnitPlan):
-    """A shard's unit rows, then its end row. A shard that cannot be read, or a bug in ingest
-    itself, is not data: the end row carries the failure and the shard is not committed."""
-    builder, ledger, clips, failure = UnitBuilder(shard_id, plan), [], 0, None
-    try:
-        for item in ingest_shard(url, cfg):
-            if isinstance(item, LedgerRow):
-                ledger.append(item)
-                continue
-            _count_decoded(item)
-            clips += 1
-            yield from builder.add(item.clip, item.frames)
-    except ShardUnavailable as exc:
-        failure = scrub(str(exc))
-    except Exception as exc:  # noqa: BLE001 - per-sample problems are handled inside; this is a bug
-        failure = scrub(f"{url}: ingest failed ({type(exc).__name__}: {exc})")
-    yield from builder.flush()
-    yield StageRow("end", shard_id, end=ShardEnd(shard_id, url, builder.count, clips, ledger, failure))
-
-
-def _count_decoded(item: IngestedClip) -> None:
-    metrics.inc("wfvae_clips_decoded", bucket=item.clip.bucket)
-    metrics.inc("wfvae_frames_decoded", item.frames.shape[0])
-    metrics.observe("wfvae_decode_seconds", item.decode_seconds)
 
 
 # ---- encode -------------------------------------------------------------------------------------

@@ -25,8 +25,8 @@ class UnitPlan:
 
     @classmethod
     def for_job(cls, cfg, latent_dim: int) -> "UnitPlan":
-        storage = options.precision(cfg.precision).storage
-        return cls(latent_dim, storage.itemsize, 2 if cfg.store_logvar else 1, int(cfg.file_mb * (1 << 20)))
+        value_bytes = options.precision(cfg.precision).storage_bytes
+        return cls(latent_dim, value_bytes, 2 if cfg.store_logvar else 1, int(cfg.file_mb * (1 << 20)))
 
     def latent_bytes(self, shape) -> int:
         t, h, w = shape[:3]

@@ -2,14 +2,14 @@
 
 Arrow has no bfloat16, so tensors are stored as raw little-endian bytes with `latent_shape`
 (C, t, h, w) and `latent_dtype` columns (records.LatentRow); a reader that ignores `latent_dtype`
-is a bug. The row schema itself is derived from records.LatentRow.
+is a bug. The row schema itself is derived from records.LatentRow. torch is imported by the
+functions that make or take tensors, not by this module (the writer's bookkeeping imports it).
 """
 import dataclasses
 import json
 import sys
 
 import numpy as np
-import torch
 
 from encoder_service.options import dtype_name, stored_dtype
 from encoder_service.records import RunMeta
@@ -21,16 +21,18 @@ SCHEMA_VERSION = "4"
 RAW_DTYPES = {"bfloat16": "<u2", "float16": "<f2", "float32": "<f4"}  # bf16 travels as its 16-bit pattern
 
 
-def encode_tensor(t: torch.Tensor) -> bytes:
+def encode_tensor(t) -> bytes:
     """Raw little-endian bytes of a CPU tensor (bf16 as its bit pattern)."""
+    import torch
     name = dtype_name(t.dtype)
     t = t.detach().cpu().contiguous()
     array = t.view(torch.int16).numpy().view(np.uint16) if name == "bfloat16" else t.numpy()
     return array.astype(RAW_DTYPES[name], copy=False).tobytes()
 
 
-def decode_tensor(data: bytes, shape, dtype: str) -> torch.Tensor:
+def decode_tensor(data: bytes, shape, dtype: str):
     """Inverse of encode_tensor: the exact tensor, in its stored dtype."""
+    import torch
     stored_dtype(dtype)  # refuses unknown names
     array = np.frombuffer(data, dtype=RAW_DTYPES[dtype])
     if sys.byteorder != "little":
