@@ -2,6 +2,7 @@
 `tar czf`, webdataset.TarWriter and our `pack`), grouped into samples exactly as webdataset
 groups them; clip spans (and their captions) from the sample's JSON; paths named twice. Videos
 are ffmpeg-made H.264, HEVC and VP9, with and without audio."""
+import gzip
 import io
 import json
 import shutil
@@ -83,6 +84,31 @@ def test_gzipped_shards_give_what_the_tar_gives(videos, tmp_path, suffix):
     assert [c.clip.key.split("/", 1)[1] for c in got] == [c.clip.key.split("/", 1)[1] for c in want]
     assert all((a.frames == b.frames).all() for a, b in zip(got, want))
     assert got[0].clip.key.startswith("shard-000001/")  # the shard id drops the whole suffix
+
+
+def test_a_shard_of_concatenated_gzip_members_is_read_whole_and_a_crc_error_is_a_row(videos, tmp_path):
+    """What `cat a.gz b.gz` and bgzip make: one tar split over several gzip members (`gzip -t` passes,
+    `tar tzf` lists every member). Every video is read; a flipped byte in a member's CRC is the data's
+    fault: a ledger row naming the shard, the samples before it kept."""
+    samples = [(f"v{i}", {Path(p).suffix[1:]: Path(p).read_bytes()}) for i, p in enumerate(videos[n] for n in CODECS)]
+    plain = write_tar(tmp_path / "shard-000000.tar", samples).read_bytes()
+    third = len(plain) // 3
+    members = [gzip.compress(plain[i * third:(i + 1) * third if i < 2 else None]) for i in range(3)]
+    multi = tmp_path / "shard-000002.tgz"
+    multi.write_bytes(b"".join(members))
+    assert subprocess.run(["gzip", "-t", str(multi)]).returncode == 0
+    listed = subprocess.run(["tar", "tzf", str(multi)], capture_output=True, text=True).stdout.split()
+    got, rows = ingest(multi)
+    assert len(got) == 3 == len(listed) and not rows
+    damaged = bytearray(members[1])
+    damaged[-8] ^= 0xFF  # the member's CRC32 (its trailer: CRC32, ISIZE)
+    bad = tmp_path / "shard-000003.tgz"
+    bad.write_bytes(members[0] + bytes(damaged) + members[2])
+    got, rows = ingest(bad)
+    reasons = {r.reason: r for r in rows}  # the shard's row, and the sample it cut its own row
+    assert set(reasons) == {"corrupt_gzip", "truncated_member"}
+    assert "shard-000003.tgz" in reasons["corrupt_gzip"].message
+    assert len(got) + 1 == 3
 
 
 def test_keys_are_grouped_as_webdataset_groups_them(videos, tmp_path):

@@ -12,12 +12,15 @@ again later in the shard is renamed `key#2`, `key#3`, ..., and a shard that ends
 or a header is reported as truncated. A shard that cannot be read (cannot be opened, or the store
 fails while streaming) raises ShardUnavailable: that is not a property of the data.
 """
+import contextlib
+import gzip
 import json
 import os
 import posixpath
 import shutil
 import tarfile
 import tempfile
+import zlib
 from dataclasses import dataclass, field
 
 from encoder_service.storage import StorageOptions, filesystem
@@ -111,6 +114,15 @@ class _HeaderWatch(tarfile.TarInfo):
             raise
 
 
+def _uncompressed(handle):
+    """The tar bytes of a shard: gzip (.tar.gz, .tgz: recognised by its magic number) is read through
+    GzipFile, which reads every member of a multi-member file (`cat a.gz b.gz`, bgzip) and checks
+    each member's CRC; tarfile's own stream mode stops after the first member."""
+    magic = handle.read(2)
+    handle.seek(0)
+    return gzip.GzipFile(fileobj=handle, mode="rb") if magic == b"\x1f\x8b" else contextlib.nullcontext(handle)
+
+
 def iter_samples(url: str, storage: StorageOptions | None = None, spool_dir: str | None = None):
     """Yield Samples (and Problems for members outside any usable sample) in shard order. Spool
     files live until the consumer asks for the next item.
@@ -126,7 +138,8 @@ def iter_samples(url: str, storage: StorageOptions | None = None, spool_dir: str
     spool = tempfile.mkdtemp(prefix="wfvae-spool-", dir=spool_dir)
     current, seen, started, header_problem = None, {}, False, None
     try:
-        with handle, tarfile.open(fileobj=handle, mode="r|*", tarinfo=_HeaderWatch) as tar:
+        with handle, _uncompressed(handle) as stream, tarfile.open(fileobj=stream, mode="r|",
+                                                                  tarinfo=_HeaderWatch) as tar:
             started = True
             for member in tar:
                 if member.isdir():
@@ -156,6 +169,10 @@ def iter_samples(url: str, storage: StorageOptions | None = None, spool_dir: str
         if header_problem:
             raise ShardTruncated("truncated_shard", f"{url}: the tar breaks after sample {last} (unreadable header: "
                                  f"{header_problem}); later members are lost: re-upload the shard", None)
+    except (gzip.BadGzipFile, zlib.error) as exc:  # a CRC or data error inside the gzip stream: the data's
+        after = current.key if current else "(start)"
+        raise ShardTruncated("corrupt_gzip", f"{url}: the gzip stream is damaged inside sample {after} ({exc}); "
+                             "later members are lost: re-upload the shard", current) from exc
     except (tarfile.TarError, EOFError) as exc:
         if not started:
             raise ShardTruncated("not_a_tar", f"{url}: not a tar archive ({exc}); WebDataset shards are tar "
