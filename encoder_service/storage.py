@@ -52,7 +52,9 @@ class StorageOptions:
 
 _USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s:@]+(:[^/\s@]*)?@")
 _SIGNED = re.compile(r"(?i)(?<=[?&;])(X-Amz-(?:Credential|Signature|Security-Token)|X-Goog-(?:Credential|Signature)|"
-                     r"AWSAccessKeyId|Signature|sig|token|access_token|api_key|key)=[^&\s\"']+")
+                     r"AWSAccessKeyId|Signature|sig|token|access_token|refresh_token|id_token|api[-_]?key|key|"
+                     r"password|passwd|pwd|secret|client_secret|auth|authorization|credential|session)"
+                     r"=[^&\s\"']+")
 
 
 def scrub(text: str) -> str:

@@ -16,6 +16,7 @@ from pathlib import Path
 from encoder_service.ingest.inputs import InputError
 from encoder_service.job.config import load_config
 from encoder_service.job.plan import JobError
+from encoder_service.storage import scrub
 
 DEMO_OUTPUT = Path(__file__).resolve().parents[1] / "demo_output"
 
@@ -43,7 +44,7 @@ def main(argv=None) -> int:
                   file=sys.stderr)
             return exc.exit_code
     except (JobError, InputError) as exc:
-        print(f"encode_dataset.py: error: {exc}", file=sys.stderr)
+        print(scrub(f"encode_dataset.py: error: {exc}"), file=sys.stderr)
         return 2
     return 1 if record["shards_failed"] else 0
 

@@ -97,6 +97,37 @@ def test_a_config_file_is_read_through_the_same_parsers(shard, tmp_path, capsys)
         assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_a_broken_config_file_and_captions_without_spans_are_one_line(shard, tmp_path, capsys):
+    config = tmp_path / "job.yaml"
+    config.write_text("num_frames: [17\nsize: 32x32\n")  # a YAML syntax error
+    for args, message in (
+            (["--config-file", str(config)], "--config-file " + str(config) + ": while parsing"),
+            (["--captions-field", "caption"], "--captions-field gives each span its caption: it needs")):
+        with pytest.raises(SystemExit) as exit_:
+            load_config([*base(shard[0], tmp_path / "o"), *args])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_.value.code == 2 and len(err) == 1 and message in err[0], err
+
+
+def test_a_signed_url_is_a_shard_and_no_line_prints_its_secrets(tmp_path, capsys):
+    """The shard name ignores the query string; whatever a line prints about such a URL is scrubbed."""
+    from encoder_service.ingest.inputs import expand_inputs
+    from encoder_service.ingest.tar_stream import shard_id_of
+    secrets = ["sig-9f2e", "tok-77aa", "pw-hunter2", "key-1234", "sec-xyz", "at-abcd"]
+    query = (f"X-Amz-Signature={secrets[0]}&token={secrets[1]}&password={secrets[2]}&api-key={secrets[3]}"
+             f"&secret={secrets[4]}&access_token={secrets[5]}")
+    url = f"http://127.0.0.1:9/data/shard-000007.tar?{query}"
+    assert expand_inputs([url]) == [url] and shard_id_of(url) == "shard-000007"
+    bad = f"http://127.0.0.1:9/data/video.mp4?{query}"
+    code = main(["--input", bad, "--output", str(tmp_path / "o"), "--checkpoint", CKPT])
+    err = capsys.readouterr().err
+    assert code == 2 and "not a WebDataset shard" in err and not any(s in err for s in secrets), err
+    with pytest.raises(SystemExit):
+        load_config(["--input", url, "--output", str(tmp_path / "o"), "--checkpoint", CKPT, "--num-frames", url])
+    err = capsys.readouterr().err
+    assert "num-frames" in err and not any(s in err for s in secrets), err
+
+
 @pytest.mark.parametrize("key, value", [("latent_dim", 10 ** 9), ("encoder_num_resblocks", 10 ** 7),
                                         ("base_channels", 0), ("latent_dim", 16.5)])
 def test_model_config_values_are_bounded_before_anything_is_built(tmp_path, capsys, key, value):

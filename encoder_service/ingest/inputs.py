@@ -28,7 +28,7 @@ def expand_inputs(patterns: list[str], storage: StorageOptions | None = None) ->
     urls = []
     for pattern in patterns:
         for url in braceexpand(pattern):
-            if any(c in url for c in "*?["):
+            if any(c in without_query(url) for c in "*?["):
                 matched = glob_urls(url, storage)
                 if not matched:
                     raise InputError(f"--input {url} matches no file")
@@ -36,7 +36,7 @@ def expand_inputs(patterns: list[str], storage: StorageOptions | None = None) ->
             else:
                 urls.append(url)
     for url in urls:
-        if not url.endswith(SHARD_SUFFIXES):
+        if not without_query(url).endswith(SHARD_SUFFIXES):
             raise InputError(f"--input {url} is not a WebDataset shard (.tar, .tar.gz or .tgz); pack videos into "
                              "shards with `python -m encoder_service pack SRC OUT`")
     urls = list(dict.fromkeys(normalise(u) for u in urls))
@@ -46,6 +46,11 @@ def expand_inputs(patterns: list[str], storage: StorageOptions | None = None) ->
         raise InputError(f"input shards share output names {dupes[:5]}: shard ids come from file names, "
                        "so shards in different folders must have different names")
     return urls
+
+
+def without_query(url: str) -> str:
+    """The URL without its query string (a signed URL's signature is not part of the shard's name)."""
+    return url.split("?", 1)[0] if "://" in url and not url.startswith(("s3://", "s3a://", "file://")) else url
 
 
 def normalise(url: str) -> str:

@@ -92,6 +92,9 @@ def split_key(name: str) -> tuple[str, str]:
 
 
 def shard_id_of(url: str) -> str:
+    """The shard's name: its file name without the tar suffix (and without a URL's query string)."""
+    if "://" in url and not url.startswith(("s3://", "s3a://", "file://")):
+        url = url.split("?", 1)[0]
     base = posixpath.basename(url.rstrip("/"))
     for suffix in (".tar.gz", ".tgz", ".tar"):  # (gzipped shards are read as a stream by tarfile "r|*")
         if base.endswith(suffix):

@@ -12,7 +12,7 @@ import yaml
 
 from encoder_service import options
 from encoder_service.ingest.sampling import SamplingConfig
-from encoder_service.storage import StorageOptions
+from encoder_service.storage import StorageOptions, scrub
 
 PIPELINE_VERSION = "0.2.0"
 
@@ -194,9 +194,16 @@ def _is_flag(f) -> bool:
     return f.metadata["parse"] is None
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (the usage text is --help's), credentials in URLs scrubbed."""
+
+    def error(self, message):
+        self.exit(2, scrub(f"{self.prog}: error: {message} (see --help)\n"))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="encode_dataset.py", description="Encode WebDataset video shards into "
-                                "WF-VAE latent Parquet shards with Ray.")
+    p = _Parser(prog="encode_dataset.py", description="Encode WebDataset video shards into WF-VAE latents (a Delta "
+                "Lake table) with Ray.")
     p.add_argument("--config-file", help="YAML or JSON file with any of these options (command line wins)")
     p.add_argument("--demo", action="store_true", help="make sample shards and run on them locally (CPU)")
     for f in fields(JobConfig):
@@ -224,7 +231,11 @@ def load_config(argv=None) -> JobConfig:
     if args.config_file:
         values = _read_config_file(parser, args.config_file)
     values.update({k: v for k, v in vars(args).items() if k in _names() and v is not None})
-    return JobConfig(**values)
+    cfg = JobConfig(**values)
+    if cfg.captions_field and cfg.clips_per_video.kind != "spans":
+        parser.error("--captions-field gives each span its caption: it needs --clips-per-video spans (a sample's "
+                     "own caption, its txt or JSON caption, is kept in every row's metadata without it)")
+    return cfg
 
 
 def _names() -> set[str]:
@@ -235,7 +246,7 @@ def _read_config_file(parser: argparse.ArgumentParser, path: str) -> dict:
     try:
         raw = yaml.safe_load(Path(path).read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
-        parser.error(f"--config-file {path}: {exc}")
+        parser.error(f"--config-file {path}: {' '.join(str(exc).split())}")
     if not isinstance(raw, dict):
         parser.error(f"--config-file {path}: expected a mapping of option names to values")
     unknown = sorted(set(raw) - _names())

@@ -97,9 +97,8 @@ def run_job(cfg: JobConfig) -> dict:
         return record
     finally:
         plan.lease.release()
-        if logging_config is not None:  # nothing of ours stays in $TMPDIR
+        if logging_config is not None:  # (the file stays: the next run reuses it)
             os.environ.pop("RAY_DATA_LOGGING_CONFIG", None)
-            logging_config.unlink(missing_ok=True)
         metrics.inc("wfvae_job_runs", outcome=outcome)
         time.sleep(0 if outcome == "interrupted" else cfg.metrics_linger_s)
         if started_ray:
@@ -153,8 +152,11 @@ def _quiet_ray_data_console() -> Path | None:
         return None
     config = copy.deepcopy(DEFAULT_CONFIG)
     config.get("handlers", {}).get("console", {})["level"] = "ERROR"
-    path = Path(tempfile.gettempdir()) / f"wfvae-ray-data-logging-{os.getpid()}.yaml"
-    path.write_text(yaml.safe_dump(config))
+    # one file per user, the same bytes every run: reused, never one left behind per (killed) run
+    path = Path(tempfile.gettempdir()) / f"wfvae-ray-data-logging-{os.getuid()}.yaml"
+    text = yaml.safe_dump(config)
+    if not path.exists() or path.read_text() != text:
+        path.write_text(text)
     os.environ["RAY_DATA_LOGGING_CONFIG"] = str(path)
     from ray.data._internal.logging import configure_logging
     configure_logging()
