@@ -100,10 +100,12 @@ class LatentEncoder:
     @classmethod
     def load(cls, checkpoint: str, config=None, precision: str = "bf16", device: str | None = None,
              chunk_frames: int | str | None = 16, channels_last: bool | None = None,
-             compile: bool = False) -> "LatentEncoder":
+             compile: bool = False, state: dict | None = None, sha256: str | None = None) -> "LatentEncoder":
+        """state/sha256: the checkpoint's weights and hash when the caller holds them already
+        (WFVAE.from_pretrained)."""
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         vae = WFVAE.from_pretrained(checkpoint, config=config, dtype=options.precision(precision).compute,
-                                    device=device)
+                                    device=device, state=state, sha256=sha256)
         if channels_last if channels_last is not None else device.type == "cuda":
             to_channels_last_3d(vae)  # our own model: change it in place
         return cls(vae, precision, chunk_frames, channels_last, compile)

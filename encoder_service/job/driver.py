@@ -193,9 +193,9 @@ class Driver:
             self._reap(block=True)
 
     def close(self) -> None:
+        """Commit what is finished; the caller prints the final progress line."""
         self.drain()
         self.pool.shutdown()
-        self.on_progress(self.totals)
     def quality(self) -> dict:
         """This run's latent statistics, their drift against the folder's history, and the QA figures."""
         return totals.quality_report(self.run, self.plan.history)

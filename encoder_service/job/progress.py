@@ -32,10 +32,7 @@ class Progress:
         return max(0.0, (total - t.clips_encoded) / (t.clips_encoded / elapsed))
 
     def update(self, t: Totals) -> None:
-        finished = t.shards_done + len(t.failed)
-        metrics.set_gauge("wfvae_job_progress_ratio", finished / self.total_shards if self.total_shards else 1.0)
-        if self.eta_s(t) is not None:
-            metrics.set_gauge("wfvae_job_eta_seconds", self.eta_s(t))
+        finished = self._gauges(t)
         if self.bar is not None:
             self.bar.total = self.expected_clips(t)
             self.bar.update(t.clips_encoded - self.bar.n)
@@ -80,8 +77,17 @@ class Progress:
                 f"{sum(t.ledger.values())} errors, {t.clips_encoded / elapsed:.2f} clips/s, "
                 f"ETA {'0s' if finished == self.total_shards else ('unknown' if eta is None else f'{eta:.0f}s')}")
 
+    def _gauges(self, t: Totals) -> int:
+        finished = t.shards_done + len(t.failed)
+        metrics.set_gauge("wfvae_job_progress_ratio", finished / self.total_shards if self.total_shards else 1.0)
+        if self.eta_s(t) is not None:
+            metrics.set_gauge("wfvae_job_eta_seconds", self.eta_s(t))
+        return finished
+
     def close(self, t: Totals) -> None:
-        self.update(t)
+        """The final line, once."""
+        self._gauges(t)
         if self.bar is not None:
+            self.bar.update(t.clips_encoded - self.bar.n)
             self.bar.close()
         print(self.line(t), flush=True)

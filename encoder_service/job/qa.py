@@ -35,8 +35,10 @@ class QualityCheck:
     its own at the lowest priority, so the production model calls go first; PSNR and SSIM in
     float32 on the device (encoder_service/quality.py)."""
 
-    def __init__(self, checkpoint: str, model_config, device: str, chunk_frames):
-        self.reference = LatentEncoder.load(checkpoint, model_config, "fp32", device, chunk_frames)
+    def __init__(self, checkpoint: str, model_config, device: str, chunk_frames, state: dict | None = None,
+                 sha256: str | None = None):
+        self.reference = LatentEncoder.load(checkpoint, model_config, "fp32", device, chunk_frames, state=state,
+                                            sha256=sha256)
         cuda = self.reference.device.type == "cuda"
         self.stream = torch.cuda.Stream(self.reference.device, priority=0) if cuda else None
 

@@ -80,6 +80,7 @@ def run_job(cfg: JobConfig) -> dict:
     `wfvae_job_runs_total`, then the driver lingers so Ray's metrics agent exports the last values.
     SIGTERM/SIGINT stop the run cleanly (job/stop.py): the record says "interrupted", then
     Interrupted is raised. Ray is stopped at the end if this call started it."""
+    started = time.time()  # the job's start: clips/s are end to end, start-up included
     plan = prepare(cfg)
     outcome, logging_config, started_ray = "failed", None, False
     stop = StopSignals(cfg.stop_grace_s, at_once=plan.lease.release)
@@ -90,7 +91,7 @@ def run_job(cfg: JobConfig) -> dict:
             started_ray = True
         logging_config = _quiet_ray_data_console()
         with stop:  # installed after ray.init, whose own handlers it replaces for the run
-            record = _run(resolve_gpus(cfg), plan, stop)
+            record = _run(resolve_gpus(cfg), plan, stop, started)
         outcome = "interrupted" if record["interrupted"] else "failed" if record["shards_failed"] else "succeeded"
         if record["interrupted"]:
             raise Interrupted(stop.signum)
@@ -163,7 +164,7 @@ def _quiet_ray_data_console() -> Path | None:
     return path
 
 
-def _run(cfg: JobConfig, plan: Plan, stop: StopSignals) -> dict:
+def _run(cfg: JobConfig, plan: Plan, stop: StopSignals, started: float) -> dict:
     progress = Progress(len(plan.todo), cfg.progress_every_s)
     driver = Driver(plan, progress.update, cfg.commit_group_shards, cfg.commit_group_s)
     metrics.inc("wfvae_shards", plan.skipped, status="skipped")
@@ -180,7 +181,7 @@ def _run(cfg: JobConfig, plan: Plan, stop: StopSignals) -> dict:
     failed = {**driver.totals.failed, **({} if interrupted else driver.unfinished())}
     progress.close(driver.totals)
     folder = folder_after_run(plan, driver.run, driver.committed)
-    record = {**_run_record(cfg, plan, driver.totals, failed, progress), "quality": driver.quality(),
+    record = {**_run_record(cfg, plan, driver.totals, failed, started), "quality": driver.quality(),
               "interrupted": interrupted is not None,
               "shards_left_for_next_run": len(plan.todo) - driver.totals.shards_done - len(failed),
               "table": _finish_table(plan, cfg, interrupted is None)}
@@ -251,8 +252,15 @@ def _root_cause(exc: BaseException) -> str:
 _ERROR_LINE = re.compile(r"(?m)^\s*((?:\w+\.)*)(\w+(?:Error|Exception)): (\S.*)$")
 
 
-def _run_record(cfg: JobConfig, plan: Plan, t: Totals, failed: dict, progress: Progress) -> dict:
-    elapsed = time.time() - progress.started
+def _run_record(cfg: JobConfig, plan: Plan, t: Totals, failed: dict, started: float) -> dict:
+    """clips_per_s counts from the job's start (planning and Ray's start-up included: what a night
+    costs); clips_per_s_encoding from the first encoder result; startup_seconds is the time between."""
+    now = time.time()
+    elapsed = now - started
+    first = t.first_result
+    rates = {"clips_per_s": round(t.latents / elapsed, 3) if elapsed else 0.0,
+             "clips_per_s_encoding": round(t.latents / (now - first), 3) if first and now > first else None,
+             "startup_seconds": round(first - started, 2) if first else None}
     busy = None
     if t.first_result is not None:
         busy = round(min(1.0, t.encode_seconds / (cfg.actors() * max(1e-9, time.time() - t.first_result))), 3)
@@ -260,7 +268,7 @@ def _run_record(cfg: JobConfig, plan: Plan, t: Totals, failed: dict, progress: P
             "shards_by_reason": dict(sorted(plan.why.items())),
             "shards_failed": len(failed), "failed_shards": dict(sorted(failed.items())), "clips": t.clips,
             "latents": t.latents, "errors": sum(t.ledger.values()), "errors_by_reason": dict(sorted(t.ledger.items())),
-            "seconds": round(elapsed, 2), "clips_per_s": round(t.latents / elapsed, 3) if elapsed else 0.0,
+            "seconds": round(elapsed, 2), **rates,
             "encoder_busy_fraction": busy, "compile_seconds": round(t.compile_seconds, 2),
             "driver_bytes_received": t.driver_bytes,
             "settings": plan.settings, "run": dataclasses.asdict(plan.run_meta), "config": to_json(cfg)}

@@ -67,6 +67,21 @@ def resolve_device(choice: str) -> str:
     return "cpu"
 
 
+def checkpoint_state(spec: EncoderSpec) -> tuple[str, dict]:
+    """The checkpoint's weights, read once on this node, and checked against the hash the driver
+    planned with (a node holding another file under the same path is an error, not other latents)."""
+    from pathlib import Path
+
+    from encoder_service.model.checkpoint import read_state_dict, sha256_file
+    from encoder_service.model.wfvae import resolve_checkpoint
+    weights, _ = resolve_checkpoint(Path(spec.checkpoint), spec.model_config)
+    digest = sha256_file(weights)
+    if digest != spec.run_meta.vae_sha256:
+        raise RuntimeError(f"{weights} on this node has sha256 {digest[:12]}..., the run planned with "
+                           f"{spec.run_meta.vae_sha256[:12]}...: every node must hold the same checkpoint")
+    return str(weights), read_state_dict(weights)
+
+
 class EncodeUnits:
     """map_batches UDF for the actor pool (batch_size=1: one unit per call). Ray runs up to
     UNITS_IN_FLIGHT calls of one actor at once, each in its own thread: job/unit_encoder.py keeps
@@ -77,10 +92,13 @@ class EncodeUnits:
         if device == "cpu":
             torch.set_num_threads(max(1, round(spec.cpus)))
         self.spec, self.registry = spec, registry
+        weights, state = checkpoint_state(spec)  # read and hashed once: the production model and QA share them
         encoder = LatentEncoder.load(spec.checkpoint, spec.model_config, spec.precision, device, spec.chunk_frames,
-                                     compile=spec.compile)
+                                     compile=spec.compile, state=state, sha256=spec.run_meta.vae_sha256)
         fs, root = filesystem(spec.output, spec.storage)
-        qa = QualityCheck(spec.checkpoint, spec.model_config, device, spec.chunk_frames) if spec.qa_fraction else None
+        qa = QualityCheck(spec.checkpoint, spec.model_config, device, spec.chunk_frames, state,
+                          spec.run_meta.vae_sha256) if spec.qa_fraction else None
+        del state
         self.units = UnitEncoder(encoder, UnitWriter(fs, root, spec.run_meta), spec.run_meta, spec.batch_size,
                                  spec.store_logvar, qa, spec.qa_seed, spec.qa_fraction)
         self.injection = faults.Injection.from_env()

@@ -25,17 +25,20 @@ class WFVAE(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, config: WFVAEConfig | str | Path | None = None,
                         prefer_ema: bool = True, dtype: torch.dtype = torch.float32,
-                        device: str | torch.device = "cpu") -> "WFVAE":
+                        device: str | torch.device = "cpu", state: dict | None = None,
+                        sha256: str | None = None) -> "WFVAE":
         """Load a released checkpoint: a directory (config.json + diffusion_pytorch_model.safetensors,
         or a single *.ckpt) or a weights file (.safetensors / .ckpt) next to a config.json.
 
         `config` overrides the config.json: a WFVAEConfig, a preset name or a config.json path.
+        `state` (read_state_dict of the same file) and `sha256` (its hash) let a caller that already
+        holds them load a second model without reading or hashing the file again.
         """
         weights, cfg = resolve_checkpoint(Path(path), config)
         with torch.device("meta"):
             model = cls(cfg)
-        load_weights(model, read_state_dict(weights, prefer_ema), source=str(weights))
-        model.checkpoint_path, model.checkpoint_sha256 = str(weights), sha256_file(weights)
+        load_weights(model, state if state is not None else read_state_dict(weights, prefer_ema), source=str(weights))
+        model.checkpoint_path, model.checkpoint_sha256 = str(weights), sha256 or sha256_file(weights)
         return model.to(device=device, dtype=dtype).eval()
 
     # ---- inference -----------------------------------------------------------------------------
