@@ -220,6 +220,12 @@ def test_dry_run(shards, capsys):
     report = dry_run(cfg)
     assert report["clips"] == CLIPS_PER_SHARD and report["decode_frames_per_s_per_cpu"] > 0
     assert "ingest CPUs per CPU encoder" in capsys.readouterr().out
+    # 10 clips: the first shard read whole (7), the second in part: the projection counts whole shards only
+    cfg = load_config(["--input", f"{shards}/shard-{{000000..000002}}.tar", "--output", "unused", "--checkpoint",
+                       CKPT, "--num-frames", "9", "--size", "32x32", "--clips-per-video", "all", "--num-gpus", "0",
+                       "--precision", "fp32", "--dry-run", "10"])
+    report = dry_run(cfg)
+    assert report["clips"] == 10 and report["projected_clips"] == 3 * CLIPS_PER_SHARD  # (was 30)
 
 
 def test_a_group_commit_cut_off_between_its_two_commits_is_redone(clean_run, shards, tmp_path):

@@ -2,7 +2,11 @@
 
 Decoding runs exactly as an ingest task does (encoder_service.ingest, one decoder thread per
 --ingest-cpus), so "decode frames/s per CPU" is the figure to provision ingest CPUs by; the clips
-are then encoded in units and batches as the encoder actors would."""
+are then encoded through the encoder actor's own unit path (job/unit_encoder.py: model calls,
+statistics, rows, a zstd Parquet file and its checksum, into a temporary folder), so the encode
+rate includes the host work an actor does per unit. The projection counts only shards read to
+their end."""
+import tempfile
 import time
 
 import numpy as np
@@ -13,7 +17,10 @@ from encoder_service.ingest.clips import IngestConfig, IngestedClip, ingest_shar
 from encoder_service.ingest.inputs import expand_inputs
 from encoder_service.job.config import JobConfig
 from encoder_service.job.plan import JobError, model_identity
+from encoder_service.job.unit_encoder import UnitEncoder
 from encoder_service.job.units import UnitBuilder, UnitPlan
+from encoder_service.storage import filesystem
+from encoder_service.table.writer import UnitWriter
 
 
 def dry_run(cfg: JobConfig) -> dict:
@@ -21,7 +28,7 @@ def dry_run(cfg: JobConfig) -> dict:
     urls = expand_inputs(cfg.input, storage)
     model, _, _ = model_identity(cfg)
     ingest = IngestConfig(cfg.sampling(), cfg.decoder, storage, threads=max(1, round(cfg.ingest_cpus)))
-    clips, errors, whole_shards, start = [], 0, 0, time.perf_counter()
+    clips, errors, whole_shards, whole_clips, start = [], 0, 0, 0, time.perf_counter()
     for url in urls:
         for item in ingest_shard(url, ingest):
             if isinstance(item, IngestedClip):
@@ -31,14 +38,14 @@ def dry_run(cfg: JobConfig) -> dict:
             if len(clips) >= cfg.dry_run:
                 break
         else:
-            whole_shards += 1
+            whole_shards, whole_clips = whole_shards + 1, len(clips)
             continue
         break
     decode_s = time.perf_counter() - start
     if not clips:
         raise JobError(f"dry run: no usable clip in the input ({errors} ledger rows)")
     encode_s = _encode(cfg, clips)
-    return report(cfg, urls, clips, decode_s, encode_s, whole_shards, model)
+    return report(cfg, urls, clips, decode_s, encode_s, whole_shards, whole_clips, model)
 
 
 def _encode(cfg: JobConfig, clips: list[IngestedClip]) -> float:
@@ -49,12 +56,14 @@ def _encode(cfg: JobConfig, clips: list[IngestedClip]) -> float:
             [row.unit for row in builder.flush()]
     first = np.frombuffer(units[0].frames, np.uint8).reshape(len(units[0].clips), *units[0].shape)
     encoder.encode(first[:1])  # warm-up
-    start = time.perf_counter()
-    for unit in units:
-        frames = np.frombuffer(unit.frames, np.uint8).reshape(len(unit.clips), *unit.shape)
-        for lo in range(0, len(frames), cfg.batch_size):
-            encoder.encode(frames[lo:lo + cfg.batch_size])
-    return time.perf_counter() - start
+    _, _, run_meta = model_identity(cfg)
+    with tempfile.TemporaryDirectory(prefix="wfvae-dry-run-") as folder:
+        fs, root = filesystem(folder)
+        coder = UnitEncoder(encoder, UnitWriter(fs, root, run_meta), run_meta, cfg.batch_size, cfg.store_logvar)
+        start = time.perf_counter()
+        for unit in units:
+            coder.encode(unit, np.frombuffer(unit.frames, np.uint8).reshape(len(unit.clips), *unit.shape))
+        return time.perf_counter() - start
 
 
 def _on_gpu(cfg: JobConfig) -> bool:
@@ -63,7 +72,7 @@ def _on_gpu(cfg: JobConfig) -> bool:
     return gpus > 0 and cfg.device != "cpu"
 
 
-def report(cfg, urls, clips, decode_s, encode_s, whole_shards, model) -> dict:
+def report(cfg, urls, clips, decode_s, encode_s, whole_shards, whole_clips, model) -> dict:
     n = len(clips)
     frames = sum(len(c.clip.frame_indices) for c in clips)
     cpus = max(1, round(cfg.ingest_cpus))
@@ -79,9 +88,9 @@ def report(cfg, urls, clips, decode_s, encode_s, whole_shards, model) -> dict:
           f"{cpus_per_device / cfg.ingest_cpus:.1f} ingest tasks of --ingest-cpus {cfg.ingest_cpus:g} "
           f"(Ray runs one task per {cfg.ingest_cpus:g} free CPU(s))")
     if whole_shards:
-        total = n / whole_shards * len(urls)
+        total = whole_clips / whole_shards * len(urls)
         out.update(projected_clips=total, projected_device_hours=total * encode_s / n / 3600)
-        print(f"[dry-run] ~{n / whole_shards:.0f} clips per shard x {len(urls)} shards = {total:.0f} clips: "
+        print(f"[dry-run] ~{whole_clips / whole_shards:.0f} clips per shard x {len(urls)} shards = {total:.0f} clips: "
               f"{out['projected_device_hours']:.2f} {device}-hours of encoding")
     else:
         print("[dry-run] the first shard was not read to its end: raise N to project the total")
