@@ -24,7 +24,7 @@ smoke=0
 if [ "${1:-}" = "--smoke" ]; then smoke=1; shift; fi
 steps=("$@")
 [ ${#steps[@]} -gt 0 ] || steps=(correctness kernels aot encoder_ours encoder_official encoder_compiled chunk_memory
-                                 pipeline actor)
+                                 pipeline actor text)
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if [ -d .whl ] && [ $smoke = 0 ]; then  # the device machine: install what it lacks
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
@@ -117,6 +117,14 @@ actor() {  # the encoder actor's unit pipeline: host ms per clip on the critical
   fi
 }
 
+text() {  # the text-embedding path beside a plain transformers loop; the mT5-XXL FLOP estimate
+  if [ "$smoke" = 1 ]; then
+    "$PY" -m benchmarks.bench_text --captions 16 --unit 8 --d-model 16 --layers 2 --repeats 1
+  else
+    "$PY" -m benchmarks.bench_text --device cuda --captions 2048 --unit 64 --d-model 1024 --layers 8
+  fi
+}
+
 run_step() {  # a step under its own time limit; its status and seconds go to the record
   local name=$1 limit=$2 start=$SECONDS status
   echo "== $name (limit ${limit}s)"
@@ -131,10 +139,10 @@ json.dump(record, open(path, 'w'), indent=1)" "$record" "$name" "$status" $((SEC
 
 declare -A limit=([environment]=30 [correctness]=120 [kernels]=60 [aot]=60 [encoder_ours]=180 [encoder_official]=120
                   [encoder_compiled]=150 [encoder_small]=90 [encoder_diffusers]=120 [chunk_memory]=60 [pipeline]=150
-                  [actor]=120)
+                  [actor]=120 [text]=120)
 export L S
 export -f environment correctness kernels aot encoder encoder_ours encoder_official encoder_compiled encoder_small \
-  encoder_diffusers chunk_memory pipeline actor
+  encoder_diffusers chunk_memory pipeline actor text
 for step in environment "${steps[@]}"; do
   [ -n "${limit[$step]:-}" ] || { echo "unknown step '$step' (one of: ${!limit[*]})"; exit 2; }
   run_step "$step" "${limit[$step]}"

@@ -36,6 +36,8 @@ DEFINITIONS = {
                                             "the device, outside the model calls", ()),
     "wfvae_encoder_finish_seconds": ("counter", "Seconds spent beside the model: latents to rows, statistics, file "
                                      "write and upload, QA", ()),
+    "wfvae_text_encoder_seconds": ("counter", "Seconds the text encoder ran on captions (--text-encoder), beside "
+                                   "the VAE, not counted as its busy time", ()),
     "wfvae_encoder_compile_seconds": ("counter", "Seconds torch.compile took for new clip shapes (--compile), not "
                                       "counted as busy", ()),
     "wfvae_encoder_units_in_flight": ("gauge", "Units inside an encoder actor (preparing, on the device, finishing)",

@@ -59,6 +59,10 @@ class LatentRow(Clip):
     shift: list[float]
     precision: str                # the precision policy's label
     pipeline_version: str
+    text_embedding: bytes | None = None         # the caption's text-encoder hidden states, raw little-endian
+    text_embedding_shape: list[int] | None = None   # (text_tokens, d_model)
+    text_embedding_dtype: str | None = None     # bfloat16 | float32
+    text_tokens: int | None = None              # the caption's tokens (unpadded, after truncation)
 
 
 @dataclass(frozen=True)
@@ -151,6 +155,8 @@ class UnitResult:
     logvar_stats: ChannelStats | None = None
     qa: list[QaRow] = dataclasses.field(default_factory=list)
     compile_seconds: float = 0.0  # torch.compile of new shapes during this unit (--compile)
+    text_seconds: float = 0.0     # the text encoder's time on this unit's captions (--text-encoder)
+    captions_missing: int = 0     # latent rows without a caption (no text embedding)
 
 
 @dataclass(frozen=True)

@@ -82,3 +82,28 @@ def write_tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> Path:
         for key, members in samples:
             sink.write({"__key__": key, **members})
     return path
+
+
+def write_text_encoder(folder, kind: str = "t5", d_model: int = 16, seed: int = 0, max_length: int = 64,
+                       layers: int = 2):
+    """A tiny random T5/UMT5 encoder in Hugging Face layout (config.json, model.safetensors, a word-level
+    tokenizer made with the `tokenizers` library): what --text-encoder loads, made without a download."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+    words = ("a the test card later runs past end video of cat dog red blue green one two three four five six "
+             "seven eight nine ten caption clip").split()
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                            model_max_length=max_length).save_pretrained(folder)
+    config_cls, model_cls = (T5Config, T5EncoderModel) if kind == "t5" else (UMT5Config, UMT5EncoderModel)
+    config = config_cls(vocab_size=len(vocab), d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=layers, num_heads=2,
+                        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    torch.manual_seed(seed)
+    model_cls(config).save_pretrained(folder, safe_serialization=True)
+    return folder

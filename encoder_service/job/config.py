@@ -133,6 +133,15 @@ class JobConfig:
                                            "references are deleted once older than this (readers pinned to older "
                                            "versions need their files: keep it above your longest training run)",
                                            _number(int, 0, 10 ** 6, "vacuum retention hours"))
+    text_encoder: str | None = option(None, "a T5/mT5/UMT5 encoder folder (Hugging Face layout: config.json, "
+                                      "safetensors weights, tokenizer files; local): each latent row also gets its "
+                                      "caption's text embedding", str)
+    text_max_length: int | None = option(None, "tokens per caption at most (longer ones are truncated and noted); "
+                                         "default: the tokenizer's model_max_length, else 512",
+                                         _number(int, 1, 65536, "text max length"))
+    text_precision: str = option("auto", "auto | bf16 | fp32: the text encoder's dtype and the stored embeddings' "
+                                 "(auto: bf16 on CUDA, fp32 on the CPU)",
+                                 options.choice(("auto", "bf16", "fp32"), "text precision"))
     qa_fraction: float = option(0.002, "fraction of clips re-encoded in fp32 and decoded for the quality report",
                                 _number(float, 0, 1, "qa fraction"))
     ray_address: str | None = option(None, "Ray cluster address (default: RAY_ADDRESS or a local cluster)", str)
@@ -157,8 +166,8 @@ class JobConfig:
     def actors(self) -> int:
         return self.encoder_actors or max(1, self.num_gpus or 0)
 
-    def latent_settings(self, checkpoint_sha256: str, model: dict) -> dict:
-        """Everything that changes the latents (not where they go or how fast)."""
+    def latent_settings(self, checkpoint_sha256: str, model: dict, text_sha256: str | None = None) -> dict:
+        """Everything that changes the latents and their text embeddings (not where they go or how fast)."""
         return {"checkpoint_sha256": checkpoint_sha256, "model": model, "num_frames": self.num_frames,
                 "size": options.format_dims(self.size), "buckets": [options.format_dims(b) for b in self.buckets],
                 "fps": self.fps, "stride": self.stride, "clips_per_video": str(self.clips_per_video),
@@ -166,7 +175,9 @@ class JobConfig:
                    if self.clips_per_video.kind == "spans" else {}),
                 "seed": self.seed, "min_duration": self.min_duration, "max_pixels": self.max_pixels,
                 "decoder": self.decoder, "precision": options.precision(self.precision).label,
-                "store_logvar": self.store_logvar}
+                "store_logvar": self.store_logvar,
+                **({"text_encoder": {"sha256": text_sha256, "max_length": self.text_max_length,
+                                     "precision": self.text_precision}} if self.text_encoder else {})}
 
 
 def fingerprint(settings: dict) -> str:

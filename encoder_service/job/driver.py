@@ -51,6 +51,8 @@ class Totals:
     failed: dict = field(default_factory=dict)            # shard id -> reason
     encode_seconds: float = 0.0
     compile_seconds: float = 0.0                          # torch.compile, all actors (--compile)
+    text_seconds: float = 0.0                             # the text encoder, all actors (--text-encoder)
+    captions_missing: int = 0                             # latent rows without a caption
     first_result: float | None = None
     driver_bytes: int = 0                                 # Arrow bytes the driver received
     clips_encoded: int = 0                                # as units come back, before their shard commits
@@ -96,6 +98,8 @@ class Driver:
             state.results[row.result.index] = row.result
             t.encode_seconds += row.result.encode_seconds
             t.compile_seconds += row.result.compile_seconds
+            t.text_seconds += row.result.text_seconds
+            t.captions_missing += row.result.captions_missing
             t.clips_encoded += row.result.clips - len(row.result.ledger)
             t.first_result = t.first_result or time.time()
         if state.finished():

@@ -137,6 +137,18 @@ def model_identity(cfg: JobConfig):
     return model, digest, meta
 
 
+def text_identity(cfg: JobConfig) -> str | None:
+    """The text encoder's sha256 (--text-encoder), its folder checked before Ray starts."""
+    if not cfg.text_encoder:
+        return None
+    from encoder_service.text.encoder import TextEncoderError, identity
+    try:
+        return identity(cfg.text_encoder)
+    except (TextEncoderError, OSError) as exc:
+        raise JobError(str(exc) if isinstance(exc, TextEncoderError) else f"--text-encoder {cfg.text_encoder}: "
+                       f"{exc}") from None
+
+
 def adopt_settings(folder: OutputFolder, settings: dict, overwrite: bool) -> tuple[str, DeltaTable]:
     """The folder's settings must be these (or --overwrite makes them so): a new folder becomes a
     table with them. Returns the fingerprint and the latents table."""
@@ -249,7 +261,7 @@ def prepare(cfg: JobConfig) -> Plan:
 
 
 def _plan(cfg, storage, urls, folder: OutputFolder, model, digest, run_meta, lease) -> Plan:
-    settings = cfg.latent_settings(digest, model.to_dict())
+    settings = cfg.latent_settings(digest, model.to_dict(), text_identity(cfg))
     fp, latents = adopt_settings(folder, settings, cfg.overwrite)
     shards = folder.shards()
     committed = Committed.read(folder, latents, shards, PLAN_COLUMNS)

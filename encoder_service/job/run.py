@@ -53,7 +53,7 @@ def build_dataset(cfg: JobConfig, plan: Plan, registry):
                         label_selector=dict(cfg.ingest_labels) or None)
     spec = EncoderSpec(cfg.checkpoint, cfg.model_config, cfg.precision, cfg.device, cfg.encoder_cpus, cfg.batch_size,
                        cfg.chunk_frames, cfg.store_logvar, cfg.output, storage, plan.run_meta, cfg.qa_fraction,
-                       cfg.seed, cfg.compile)
+                       cfg.seed, cfg.compile, cfg.text_encoder, cfg.text_max_length, cfg.text_precision)
     # Ray Data restarts dead pool actors and retries their calls (max_restarts=-1, max_task_retries=-1);
     # job/faults.py bounds the retries of a unit that keeps failing.
     # UNITS_IN_FLIGHT calls per actor at once, each in its own thread (job/unit_encoder.py)
@@ -270,6 +270,8 @@ def _run_record(cfg: JobConfig, plan: Plan, t: Totals, failed: dict, started: fl
             "latents": t.latents, "errors": sum(t.ledger.values()), "errors_by_reason": dict(sorted(t.ledger.items())),
             "seconds": round(elapsed, 2), **rates,
             "encoder_busy_fraction": busy, "compile_seconds": round(t.compile_seconds, 2),
+            "text_seconds_per_clip": round(t.text_seconds / t.latents, 5) if cfg.text_encoder and t.latents else None,
+            "captions_missing": t.captions_missing,
             "driver_bytes_received": t.driver_bytes,
             "settings": plan.settings, "run": dataclasses.asdict(plan.run_meta), "config": to_json(cfg)}
 

@@ -49,6 +49,9 @@ class EncoderSpec:
     qa_fraction: float = 0.0
     qa_seed: int = 0
     compile: bool = False
+    text_encoder: str | None = None
+    text_max_length: int | None = None
+    text_precision: str = "auto"
 
 
 def resolve_device(choice: str) -> str:
@@ -99,8 +102,12 @@ class EncodeUnits:
         qa = QualityCheck(spec.checkpoint, spec.model_config, device, spec.chunk_frames, state,
                           spec.run_meta.vae_sha256) if spec.qa_fraction else None
         del state
+        text = None
+        if spec.text_encoder:
+            from encoder_service.text.encoder import TextEncoder
+            text = TextEncoder(spec.text_encoder, spec.text_precision, device, spec.text_max_length)
         self.units = UnitEncoder(encoder, UnitWriter(fs, root, spec.run_meta), spec.run_meta, spec.batch_size,
-                                 spec.store_logvar, qa, spec.qa_seed, spec.qa_fraction)
+                                 spec.store_logvar, qa, spec.qa_seed, spec.qa_fraction, text)
         self.injection = faults.Injection.from_env()
         if self.injection:
             self.units.before_write = lambda u: self.injection.before_write(f"{u.shard_id}/{u.index}", registry)
@@ -167,6 +174,8 @@ class EncodeUnits:
         metrics.inc("wfvae_encoder_busy_seconds", timing.model)
         metrics.inc("wfvae_encoder_critical_host_seconds", timing.critical)
         metrics.inc("wfvae_encoder_finish_seconds", timing.finish)
+        if timing.text:
+            metrics.inc("wfvae_text_encoder_seconds", timing.text)
         if timing.compile:
             metrics.inc("wfvae_encoder_compile_seconds", timing.compile)
         metrics.observe("wfvae_encode_seconds", timing.model)

@@ -18,6 +18,7 @@ durable in staging; an exception in any step fails the unit exactly as a model f
 benchmarks/bench_actor.py uses this class as the actor does; it knows nothing of Ray.
 """
 import dataclasses
+import json
 import threading
 import time
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from encoder_service.job.qa import selected
 from encoder_service.options import dtype_name
 from encoder_service.records import ChannelStats, Clip, LatentRow, LedgerRow, RunMeta, Unit, UnitResult
 from encoder_service.table.schema import encode_tensor
+from encoder_service.text.encoder import caption_of
 
 UNITS_IN_FLIGHT = 3  # one preparing, one on the device, one finishing (QA may hold it a while longer)
 
@@ -42,6 +44,7 @@ class Timing:
     waiting: float = 0.0      # waiting for the device (another unit's model call)
     finish: float = 0.0       # off the device: rows, statistics, file, QA
     compile: float = 0.0      # torch.compile for a new shape (inside a model call; not counted in model)
+    text: float = 0.0         # the text encoder on the unit's captions (beside the model; in finish)
     first_model: float | None = None   # perf_counter() as its first model call began ...
     last_model: float | None = None    # ... and as its last one ended
 
@@ -54,8 +57,8 @@ class UnitOutput:
 
 class UnitEncoder:
     def __init__(self, encoder, writer, run_meta: RunMeta, batch_size: int, store_logvar: bool,
-                 qa=None, qa_seed: int = 0, qa_fraction: float = 0.0):
-        self.encoder, self.writer, self.run_meta = encoder, writer, run_meta
+                 qa=None, qa_seed: int = 0, qa_fraction: float = 0.0, text=None):
+        self.encoder, self.writer, self.run_meta, self.text = encoder, writer, run_meta, text
         self.batch_size, self.store_logvar = batch_size, store_logvar
         self.qa, self.qa_seed, self.qa_fraction = qa, qa_seed, qa_fraction
         self.device = threading.Lock()      # the GPU: one model call at a time
@@ -123,12 +126,25 @@ class UnitEncoder:
                                           self.run_meta))
                 good.append((lo + j, out.mean[j], out.logvar[j]))
                 sums.append((out.sums[j], out.mean[j][0].numel()))
+        latents, missing = self._with_text(latents, timing)
         if self.before_write is not None:
             self.before_write(unit)
         file = self.writer.write(unit.shard_id, unit.index, latents) if latents else None
         mean_stats, logvar_stats = channel_stats(sums)
         return UnitResult(unit.shard_id, unit.index, len(unit.clips), file, ledger, timing.model,
-                          mean_stats=mean_stats, logvar_stats=logvar_stats, compile_seconds=timing.compile), good
+                          mean_stats=mean_stats, logvar_stats=logvar_stats, compile_seconds=timing.compile,
+                          text_seconds=timing.text, captions_missing=missing), good
+
+    def _with_text(self, rows: list[LatentRow], timing: Timing) -> tuple[list[LatentRow], int]:
+        """Rows with their captions' text embeddings (each distinct caption encoded once), and how
+        many rows have no caption (their embedding columns stay null)."""
+        missing = sum(1 for r in rows if r.caption is None)
+        if self.text is None or not rows:
+            return rows, missing
+        start = time.perf_counter()
+        embedded = self.text.encode([r.caption for r in rows if r.caption is not None])
+        timing.text += time.perf_counter() - start
+        return [with_embedding(r, embedded[r.caption]) if r.caption is not None else r for r in rows], missing
 
     def _quality(self, unit: Unit, frames: np.ndarray, good: list) -> list:
         sample = [g for g in good if selected(unit.clips[g[0]].key, self.qa_seed, self.qa_fraction)]
@@ -150,8 +166,24 @@ def channel_stats(sums: list[tuple[torch.Tensor, int]]) -> tuple[ChannelStats | 
     return tuple(ChannelStats([count] * channels, total[k, 0].tolist(), total[k, 1].tolist()) for k in range(2))
 
 
+def with_embedding(row: LatentRow, e) -> LatentRow:
+    """A row with a text_encoder.Embedded; a truncated caption is noted in the row's metadata."""
+    metadata = row.metadata
+    if e.truncated:
+        meta = json.loads(metadata or "null") or {}
+        meta.setdefault("notes", []).append(f"caption truncated to {e.tokens} tokens for its text embedding")
+        metadata = json.dumps(meta)
+    return dataclasses.replace(row, metadata=metadata, text_embedding=encode_tensor(e.values),
+                               text_embedding_shape=list(e.values.shape),
+                               text_embedding_dtype=dtype_name(e.values.dtype), text_tokens=e.tokens)
+
+
 def latent_row(clip: Clip, mean: torch.Tensor, logvar: torch.Tensor | None, run_meta: RunMeta) -> LatentRow:
-    return LatentRow(**{f.name: getattr(clip, f.name) for f in dataclasses.fields(Clip)},
+    """The clip's row; its caption is the text its embedding is made of (the span's caption, else the
+    sample's txt or JSON caption: text/encoder.py caption_of)."""
+    fields = {f.name: getattr(clip, f.name) for f in dataclasses.fields(Clip)}
+    fields["caption"] = caption_of(clip)
+    return LatentRow(**fields,
                      mean=encode_tensor(mean), logvar=encode_tensor(logvar) if logvar is not None else None,
                      latent_shape=list(mean.shape), latent_dtype=dtype_name(mean.dtype),
                      vae_name=run_meta.vae_name, vae_sha256=run_meta.vae_sha256, scale=list(run_meta.scale),

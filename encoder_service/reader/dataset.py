@@ -28,7 +28,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from encoder_service.reader.plan import Batch, SnapshotFile, epoch_batches, rng
 from encoder_service.storage import StorageOptions, is_local
 from encoder_service.table.folder import FolderError, OutputFolder
-from encoder_service.table.schema import RAW_DTYPES
+from encoder_service.table.schema import RAW_DTYPES, decode_tensor
 
 _PROVENANCE = ("source_url", "source_key", "clip_index", "frame_indices", "src_fps", "clip_fps", "src_hw",
                "rotation", "crop_box", "bucket", "vae_name", "vae_sha256", "precision", "span", "caption")
@@ -42,7 +42,9 @@ class ShardError(RuntimeError):
 class LatentShardDataset(IterableDataset):
     """Yields batches (with `batch_size`) or items: dicts with `latent` (the mean, or with
     `sample=True` a posterior sample seeded by (seed, epoch, key)), `mean`, `logvar`, `scale`,
-    `shift` as tensors (stacked in batches), and key, caption, span, bucket, provenance and `metadata`.
+    `shift` as tensors (stacked in batches), `text_embedding` (zero-padded to the batch's longest
+    caption) and `text_mask` when the folder has text embeddings, and key, caption, span, bucket,
+    provenance and `metadata`.
 
     folders: one output folder or several; version: the table version to read (one folder; None:
     the latest, recorded in `self.version`); weights: with several folders, each one's share of an
@@ -188,6 +190,7 @@ class LatentShardDataset(IterableDataset):
                "scale": torch.tensor(rows["scale"].to_pylist()), "shift": torch.tensor(rows["shift"].to_pylist()),
                "metadata": [json.loads(m or "null") for m in rows["metadata"].to_pylist()],
                **{k: (rows[k].to_pylist() if k in rows.column_names else [None] * rows.num_rows) for k in _PROVENANCE}}
+        out.update(text_embeddings(rows, self.dtype))
         if self.pin_memory:
             out = {k: (v.pin_memory() if isinstance(v, torch.Tensor) else v) for k, v in out.items()}
         return out
@@ -199,6 +202,26 @@ class LatentShardDataset(IterableDataset):
             int.from_bytes(hashlib.sha256(f"{self.seed}/{self.epoch}/{k}".encode()).digest()[:8], "little")))
             for k in keys])
         return (mean.float() + torch.exp(0.5 * logvar.float().clamp(-30, 20)) * eps).to(mean.dtype)
+
+
+def text_embeddings(rows: pa.Table, dtype: torch.dtype | None = None) -> dict:
+    """`text_embedding` (B, longest caption's tokens, d_model), zero-padded, and `text_mask` (B, tokens),
+    True on a caption's own tokens; rows without an embedding are all padding. None when no row of
+    the batch has one (or the folder was made without --text-encoder)."""
+    if "text_embedding" not in rows.column_names or rows["text_embedding"].null_count == rows.num_rows:
+        return {"text_embedding": None, "text_mask": None, "text_tokens": [None] * rows.num_rows}
+    shapes, dtypes = rows["text_embedding_shape"].to_pylist(), rows["text_embedding_dtype"].to_pylist()
+    tensors = [decode_tensor(data, shape, kind) if data is not None else None for data, shape, kind in
+               zip(rows["text_embedding"].to_pylist(), shapes, dtypes)]
+    width = next(s[1] for s in shapes if s)
+    longest = max(s[0] for s in shapes if s)
+    stored = next(t.dtype for t in tensors if t is not None)
+    out = torch.zeros((rows.num_rows, longest, width), dtype=dtype or stored)
+    mask = torch.zeros((rows.num_rows, longest), dtype=torch.bool)
+    for i, t in enumerate(tensors):
+        if t is not None:
+            out[i, :t.shape[0]], mask[i, :t.shape[0]] = t, True
+    return {"text_embedding": out, "text_mask": mask, "text_tokens": rows["text_tokens"].to_pylist()}
 
 
 def decode_column(column: pa.ChunkedArray, shape: tuple, dtype: str) -> torch.Tensor:

@@ -1,0 +1,1 @@
+"""Text embeddings of the captions, beside the latents (text/encoder.py)."""
