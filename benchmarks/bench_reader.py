@@ -7,7 +7,7 @@ disk): rows/s and MB/s of latent bytes, and the reader's peak RSS per worker aga
     pyarrow  the same files read with pyarrow.parquet in W processes (each a share of the files,
              all columns, page checksums on), turned into tensors per row group the cheapest way
 
-    python -m benchmarks.bench_reader [--shards 64 --rows 96 --latent 16x9x32x32 --workers 4]
+    python -m benchmarks.bench_reader [--shards 24 --rows 64 --latent 16x9x32x32 --workers 4]
 
 Writes benchmarks/results/reader_cpu.{json,png}.
 """
@@ -109,8 +109,8 @@ def memory_bound(folder: str, batch: int, prefetch: int) -> dict:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--shards", type=int, default=64)
-    p.add_argument("--rows", type=int, default=96)
+    p.add_argument("--shards", type=int, default=24)
+    p.add_argument("--rows", type=int, default=64)
     p.add_argument("--latent", default="16x9x32x32")
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=32)

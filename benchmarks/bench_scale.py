@@ -137,7 +137,11 @@ class Moto:
 
     def __exit__(self, *exc):
         self.proc.terminate()
-        self.proc.wait(10)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
         os.unlink(self.log)
 
 
@@ -194,6 +198,8 @@ def bench_moto_commits(moto: Moto, n: int) -> dict:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run, not the figures)")
+    p.add_argument("--parts", default="local,moto,commits", help="which parts to run (the others are kept from "
+                   "results/scale_cpu.json): local, moto, commits")
     p.add_argument("--child", nargs=4, metavar=("WHAT", "INPUTS", "OUTPUT", "ENDPOINT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -202,14 +208,26 @@ def main(argv=None) -> None:
         return
     local_sizes, moto_sizes, commit_n = (([10_000, 100_000, 1_000_000], [10_000, 100_000], 2000)
                                          if not args.quick else ([300], [300], 100))
-    out = {"environment": environment("cpu"), "note": "CPU figures; moto is a local Python S3 server",
-           "local": bench_local(local_sizes)}
+    parts = set(args.parts.split(","))
+    path = RESULTS / "scale_cpu.json"
+    out = json.loads(path.read_text()) if path.exists() and not args.quick else {}
+    out.update({"environment": environment("cpu"), "note": "CPU figures; moto is a local Python S3 server"})
+
+    def save():  # after each part: a long run that fails late keeps what it measured
+        if not args.quick:
+            write_json("scale_cpu", out)
+    if "local" in parts:
+        out["local"] = bench_local(local_sizes)
+        save()
     with Moto() as moto:
-        out["moto"] = bench_moto(moto, moto_sizes)
-        out["commits_moto"] = bench_moto_commits(moto, commit_n)
+        if "moto" in parts:
+            out["moto"] = bench_moto(moto, moto_sizes)
+            save()
+        if "commits" in parts:
+            out["commits_moto"] = bench_moto_commits(moto, commit_n)
     out["targets"] = targets(out)
     if not args.quick:
-        write_json("scale_cpu", out)
+        save()
         plot(out)
     for name, t in out["targets"].items():
         print(f"target {name}: {t['measured']} (target {t['target']}) {'met' if t['met'] else 'MISSED'}")

@@ -19,7 +19,7 @@ from kernels import haar_reference, norm_reference
 ROOT = Path(__file__).resolve().parents[1]
 # the acceptance steps run here as a script (the pipeline step's benchmark: tests/test_pipeline_benchmark.py,
 # in-process on the tests' Ray; encoder_official is encoder_ours' function, measuring nothing on a CPU)
-SMOKE_STEPS = ("correctness", "kernels", "aot", "encoder_ours", "chunk_memory", "actor")
+SMOKE_STEPS = ("correctness", "kernels", "aot", "encoder_ours", "chunk_memory", "actor", "text")
 ACTOR_FIELDS = ("size", "host_ms_per_clip_critical_path", "host_ms_per_clip_serial", "busy_fraction_at_25ms",
                 "busy_fraction_at_50ms")
 FIELDS = ("device", "torch", "impl", "model", "shape", "batch", "dtype", "clips_per_s", "latency_ms",
@@ -38,6 +38,8 @@ def test_the_gpu_acceptance_script_runs_on_cpu(tmp_path):
     assert list(steps) == ["environment", *SMOKE_STEPS] and all(v["status"] == "ok" for v in steps.values()), steps
     assert {p: p.stat().st_mtime_ns for p in RESULTS.iterdir()} == committed
     assert "triton" in json.loads((tmp_path / "environment_cpu.json").read_text())
+    text = json.loads((tmp_path / "text_cpu.json").read_text())
+    assert text["text_encoder_over_transformers"] > 0 and text["estimate"]["tflop_per_caption"] > 4
 
     records = json.loads((tmp_path / "encoder_ours_cpu.json").read_text())["records"]
     assert len(records) == 4 and all(r["status"] == "ok" and all(r[k] is not None for k in FIELDS) for r in records)

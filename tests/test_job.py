@@ -105,14 +105,15 @@ def test_latents_equal_a_direct_encode(clean_run, shards):
 def test_rerun_changes_nothing(clean_run, shards):
     out, _ = clean_run
     before = files(out)
+    import tempfile
+    logging_files = {p for p in os.listdir(tempfile.gettempdir()) if p.startswith("wfvae-ray-data-logging")}
     summary = job(f"{shards}/shard-{{000000..000002}}.tar", out)
     assert summary["shards_skipped"] == 3 and summary["shards_done"] == 0
     assert files(out) == before
     assert json.load(open(out / "_summary.json"))["latents"] == 21  # the folder, not this no-op invocation
-    import tempfile
-    assert "RAY_DATA_LOGGING_CONFIG" not in os.environ  # nothing of ours left in $TMPDIR
-    ours = {p for p in os.listdir(tempfile.gettempdir()) if p.startswith("wfvae-ray-data-logging")}
-    assert ours <= {f"wfvae-ray-data-logging-{os.getuid()}.yaml"}  # one file per user, reused: none per run
+    assert "RAY_DATA_LOGGING_CONFIG" not in os.environ
+    new = {p for p in os.listdir(tempfile.gettempdir()) if p.startswith("wfvae-ray-data-logging")} - logging_files
+    assert new <= {f"wfvae-ray-data-logging-{os.getuid()}.yaml"}  # one file per user, reused: none per run
 
 
 def test_a_redone_shard_is_replaced_identically(clean_run, shards):

@@ -63,6 +63,7 @@ def lease_released(out: Path) -> bool:
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_stops_cleanly_and_the_rerun_completes_the_folder(inputs, tmp_path, sig):
     clean = tmp_path / "clean"
+    logging_files = {p for p in os.listdir(tempfile.gettempdir()) if p.startswith("wfvae-ray-data-logging")}
     run_job(load_config(["--input", inputs, "--output", str(clean), *ARGS, "--progress-every-s", "1000"]))
 
     out, hold = tmp_path / "out", tmp_path / "release-the-device"
@@ -90,8 +91,8 @@ def test_a_signal_stops_cleanly_and_the_rerun_completes_the_folder(inputs, tmp_p
     assert record["shards_left_for_next_run"] == SHARDS - done and record["shards_failed"] == 0
     assert lease_released(out)
     assert duplicate_keys(out) == 0
-    ours = {p for p in os.listdir(tempfile.gettempdir()) if p.startswith("wfvae-ray-data-logging")}
-    assert ours <= {f"wfvae-ray-data-logging-{os.getuid()}.yaml"}  # one file per user, reused: none per run
+    new = {p for p in os.listdir(tempfile.gettempdir()) if p.startswith("wfvae-ray-data-logging")} - logging_files
+    assert new <= {f"wfvae-ray-data-logging-{os.getuid()}.yaml"}  # one file per user, reused: none per run
 
     summary = run_job(load_config(["--input", inputs, "--output", str(out), *ARGS, "--progress-every-s", "1000"]))
     assert summary["shards_done"] == SHARDS - done and summary["shards_skipped"] == done
