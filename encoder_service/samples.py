@@ -102,8 +102,8 @@ def write_text_encoder(folder, kind: str = "t5", d_model: int = 16, seed: int = 
     PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
                             model_max_length=max_length).save_pretrained(folder)
     config_cls, model_cls = (T5Config, T5EncoderModel) if kind == "t5" else (UMT5Config, UMT5EncoderModel)
-    config = config_cls(vocab_size=len(vocab), d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=layers, num_heads=2,
-                        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    config = config_cls(vocab_size=len(vocab), d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=layers,
+                        num_heads=2, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
     torch.manual_seed(seed)
     model_cls(config).save_pretrained(folder, safe_serialization=True)
     return folder
