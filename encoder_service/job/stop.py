@@ -2,7 +2,7 @@
 
 The first signal stops feeding new work: the driver leaves the stream of results at the next
 point where it waits for one (never in the middle of handling a row), lets the commits under way
-finish, removes the staging files of shards it will not commit, writes the run record with
+finish (finished shards are committed), writes the run record with
 `"interrupted": true`, releases the folder's lease and exits 128 + the signal (143, 130). If that
 takes longer than the grace period, or a second signal comes, it stops at once: the lease is
 released and the process exits with the same status; what it had not committed is cleaned up by

@@ -13,7 +13,8 @@ Several units are in an encoder actor at once (EncodeUnits runs UNITS_IN_FLIGHT 
 concurrently): while one holds the device, the next prepares and the previous finishes, so the
 GPU waits for none of the host work. Backpressure: one unit may finish at a time (`writing`),
 and at most UNITS_IN_FLIGHT units' frames are held. A unit is returned only once its file is
-durable in staging; an exception in any step fails the unit exactly as a model fault does.
+durable in latents/ (not yet in the table); an exception in any step fails the unit exactly as a model
+fault does.
 
 benchmarks/bench_actor.py uses this class as the actor does; it knows nothing of Ray.
 """
