@@ -210,7 +210,8 @@ def main(argv=None) -> None:
                                          if not args.quick else ([300], [300], 100))
     parts = set(args.parts.split(","))
     path = RESULTS / "scale_cpu.json"
-    out = json.loads(path.read_text()) if path.exists() and not args.quick else {}
+    kept = json.loads(path.read_text()) if path.exists() and not args.quick else {}
+    out = {k: kept[k] for k in ("local", "moto", "commits_moto") if k in kept}  # parts not run this time
     out.update({"environment": environment("cpu"), "note": "CPU figures; moto is a local Python S3 server"})
 
     def save():  # after each part: a long run that fails late keeps what it measured
