@@ -145,3 +145,13 @@ def test_a_damaged_log_is_one_line_everywhere(tmp_path, damage):
         LatentShardDataset(str(tmp_path))
     with pytest.raises(FolderError, match="Delta log cannot be read"):  # what planning opens (JobError there)
         OutputFolder(str(tmp_path)).latents()
+
+
+def test_inspect_of_a_folder_that_is_no_table_is_one_line(tmp_path, capsys):
+    from encoder_service import cli
+    (tmp_path / "tars").mkdir()
+    (tmp_path / "tars" / "shard-000000.tar").write_bytes(b"")
+    for folder, what in ((tmp_path / "nope", "does not exist"), (tmp_path / "tars", "holds no Delta table")):
+        assert cli.main(["inspect", str(folder)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and what in err[0], err
