@@ -43,7 +43,6 @@ LATENT_SCHEMA = records.schema(LatentRow)
 SHARD_SCHEMA = records.schema(ShardRecord)
 SHARDS_FILES_BEFORE_COMPACTION = 8     # the shards table is rewritten as one file when it has more
 WHOLE_READ_BYTES = 64 << 20            # a shards-table file this small is read in one request
-DEFAULT_VACUUM_RETENTION_HOURS = 168   # Delta's own default (delta.deletedFileRetentionDuration, 7 days)
 
 
 class FolderError(Exception):

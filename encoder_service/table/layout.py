@@ -29,9 +29,3 @@ DATA_PATH = re.compile(rf"^{LATENTS}/part-(?P<shard>.+)-\d{{5}}(?:-[0-9a-f]{{{HA
 
 def data_name(shard_id: str, unit: int, sha256: str) -> str:
     return f"{LATENTS}/part-{shard_id}-{unit:05d}-{sha256[:HASH_DIGITS]}.parquet"
-
-
-def shard_of(path: str) -> str | None:
-    """The shard id of a data file's path in the table (latents/part-<shard>-<unit>-<hash>.parquet)."""
-    m = DATA_PATH.match(path)
-    return m.group("shard") if m else None
