@@ -1,69 +1,60 @@
-"""The encoder actor's loop over real units: how much host work stays on the device's critical path.
+"""The encoder actor's loop over real units: how much host work stays on the device's critical path,
+and how busy the device stays.
 
 Each case builds one real unit row (the Arrow table ingest hands the actor: `--file-mb` 32 of
 WF-VAE-L latents, i.e. 56 clips at 33x256², 14 at 33x512²) and runs `--units` of them through the
-actor's own code (stages.unit_and_frames, then job/unit_encoder.UnitEncoder: device copy, model,
+actor's own code (stages.unit_and_frames, then encode/unit_encoder.UnitEncoder: device copy, model,
 latents to rows, statistics, zstd Parquet, sha256, staging file):
 
     serial      one unit at a time, as the actor's loop was: host work between model calls
-    pipelined   UNITS_IN_FLIGHT calls at once, as Ray runs them in the actor now
+    pipelined   UNITS_IN_FLIGHT calls at once, as Ray runs them in the actor now (and 4 for the
+                target case)
 
-On the CPU the model is replaced by a stand-in that takes a fixed, stated time per clip (it
-sleeps, as a CPU thread waiting on a GPU does) and returns latents of WF-VAE-L's shape; what is
-measured is the actor's own code around it. Model time per clip: 25 and 50 ms at 33x512²
-(the issue's assumptions for an H100), the same per pixel at 256² (6.25 and 12.5 ms).
-host ms per clip on the critical path = (time from the first model call's start to the last one's
-end - model time) / clips: what the device waits for between model calls in steady state (filling
-and draining the pipeline, once per run, is reported apart). With --device cuda the real model
-runs (--preset, random weights).
+On the CPU the model is a stand-in (benchmarks/stand_ins.py) with a stated device time per clip:
+`sleep` (the thread waits, paying no host work: the kind case) or `host_paying` (the real forward's
+op sequence dispatched from Python at tiny width first, holding the GIL between ops, then the rest
+of the device time). Device times per clip: 6.25, 9.6 (the target: about 104 clips/s per H100) and
+28 ms at 33x256², 25 ms at 33x512²; default settings (batch 4, chunks of 16 frames).
 
-Also: PSNR+SSIM of one QA clip, the float64 formula of before against encoder_service.quality.
+    device busy                 device seconds / time from the first model call's start to the last one's end
+    host ms per clip, critical  (that span - device seconds) / clips: what the device waits for
+    dispatch ms per clip        the model thread's CPU time in model calls (its share of the GIL, at most)
+    finish CPU share            the finishing threads' CPU time / span (rows, tobytes, zstd, sha256, Parquet:
+                                an upper bound of their GIL share; zstd and sha256 release it)
+
+With --device cuda the real model runs (--preset, random weights).
+
+Also: PSNR+SSIM of one QA clip, the float64 formula of before against encoder_service.encode.quality.
 
     python -m benchmarks.bench_actor                # CPU, writes results/actor_cpu.{json,png}
     python -m benchmarks.bench_actor --device cuda  # WF-VAE-L bf16 on the GPU: actor_cuda.json
 """
 import argparse
+import json
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks.common import RESULTS, axes, environment, save_plot, write_json
-from encoder_service.engine import Encoded, LatentEncoder, channel_sums
+from benchmarks.stand_ins import LATENT_DIM, STAND_INS, stand_in
+from encoder_service.encode.engine import LatentEncoder
+from encoder_service.encode.quality import psnr, ssim
+from encoder_service.encode.unit_encoder import UNITS_IN_FLIGHT, UnitEncoder
+from encoder_service.ingest.units import UnitBuilder, UnitPlan
 from encoder_service.job.stages import unit_and_frames
-from encoder_service.job.unit_encoder import UNITS_IN_FLIGHT, UnitEncoder
-from encoder_service.job.units import UnitBuilder, UnitPlan
 from encoder_service.model import WFVAE, WFVAEConfig
-from encoder_service.quality import psnr, ssim
 from encoder_service.records import Clip, RunMeta, StageRow, to_table
-from encoder_service.storage import filesystem
+from encoder_service.table.folder import OutputFolder
 from encoder_service.table.writer import UnitWriter
 
-LATENT_DIM = 16  # WF-VAE-L
-MS_PER_CLIP_512 = (25.0, 50.0)
-
-
-class FixedTimeModel:
-    """Stands in for LatentEncoder on the CPU: the same three calls, the model taking a fixed
-    time per clip (a sleep: the thread waits, as for a GPU) and giving WF-VAE-L-shaped latents."""
-
-    def __init__(self, seconds_per_clip: float, shape):
-        t, h, w = shape[0], shape[1], shape[2]
-        self.seconds_per_clip, self.device = seconds_per_clip, torch.device("cpu")
-        self.latent = torch.randn(64, LATENT_DIM, (t - 1) // 4 + 1, h // 8, w // 8).to(torch.bfloat16)
-
-    def to_device(self, frames: np.ndarray) -> torch.Tensor:
-        return torch.as_tensor(frames).permute(0, 4, 1, 2, 3)
-
-    def forward(self, x: torch.Tensor) -> Encoded:
-        b = x.shape[0]
-        time.sleep(self.seconds_per_clip * b)
-        mean = logvar = self.latent[:b]
-        sums = torch.stack([channel_sums(mean), channel_sums(logvar)], dim=1)
-        return Encoded(mean, logvar, torch.ones(b, dtype=torch.bool), sums)
+MS_PER_CLIP = {(33, 256, 256): (6.25, 9.6, 28.0), (33, 512, 512): (25.0,)}
+TARGET = ((33, 256, 256), 9.6, 4)  # shape, ms per clip, units in flight: device busy >= 0.90 with host_paying
 
 
 def unit_table(shape, clips_per_unit: int) -> "object":
@@ -89,10 +80,10 @@ def clips_per_unit(shape) -> int:
 
 def run(encoder, table, units: int, in_flight: int, batch_size: int, folder: str) -> dict:
     """`units` calls of the actor's code, `in_flight` at a time; wall and model seconds."""
-    fs, root = filesystem(folder)
     meta = RunMeta("wfvae-l-16chn", "0" * 64, "bf16", "bench", [1.0] * LATENT_DIM, [0.0] * LATENT_DIM, "bench")
-    coder = UnitEncoder(encoder, UnitWriter(fs, root, meta), meta, batch_size, True)
-    model, critical, lock, todo = [0.0], [0.0], threading.Lock(), list(range(units))
+    coder = UnitEncoder(encoder, UnitWriter(OutputFolder(folder), meta), meta, batch_size, True)
+    model, critical, dispatch, finish = [0.0], [0.0], [0.0], [0.0]
+    lock, todo = threading.Lock(), list(range(units))
     span = [float("inf"), 0.0]
 
     def worker():
@@ -106,6 +97,8 @@ def run(encoder, table, units: int, in_flight: int, batch_size: int, folder: str
             with lock:
                 model[0] += out.timing.model
                 critical[0] += out.timing.critical
+                dispatch[0] += out.timing.dispatch
+                finish[0] += out.timing.finish_cpu
                 span[0], span[1] = min(span[0], out.timing.first_model), max(span[1], out.timing.last_model)
     start = time.perf_counter()
     threads = [threading.Thread(target=worker) for _ in range(in_flight)]
@@ -114,20 +107,28 @@ def run(encoder, table, units: int, in_flight: int, batch_size: int, folder: str
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
-    return {"wall_s": wall, "model_s": model[0], "critical_s": critical[0], "span_s": span[1] - span[0]}
+    return {"wall_s": wall, "model_s": model[0], "critical_s": critical[0], "span_s": span[1] - span[0],
+            "dispatch_s": dispatch[0], "finish_cpu_s": finish[0]}
 
 
-def case(shape, args, folder: str) -> dict:
-    n = clips_per_unit(shape)
-    table = unit_table(shape, n)
+def ms_per_clip(shape) -> tuple:
+    """The stated device times for a shape; other shapes (smoke runs): the target's, per voxel."""
+    if shape in MS_PER_CLIP:
+        return MS_PER_CLIP[shape]
+    t, h, w = TARGET[0]
+    return (round(TARGET[1] * shape[0] * shape[1] * shape[2] / (t * h * w), 4),)
+
+
+def case(shape, kind: str, args, folder: str, table) -> dict:
+    n = args.clips_per_unit or clips_per_unit(shape)
     clips = n * args.units
-    out = {"size": "x".join(map(str, shape)), "clips_per_unit": n, "units": args.units}
-    scale = shape[1] * shape[2] / (512 * 512)
-    for ms in MS_PER_CLIP_512:
-        encoder = real_encoder(args) if args.device == "cuda" else FixedTimeModel(ms * scale / 1000, shape)
+    out = {"size": "x".join(map(str, shape)), "stand_in": kind if args.device == "cpu" else "none",
+           "clips_per_unit": n, "units": args.units, "batch_size": args.batch_size, "chunk_frames": 16}
+    for ms in ms_per_clip(shape) if args.device == "cpu" else (None,):
+        encoder = real_encoder(args) if args.device == "cuda" else stand_in(kind, ms / 1000, shape)
         serial = run(encoder, table, args.units, 1, args.batch_size, folder)
         piped = run(encoder, table, args.units, UNITS_IN_FLIGHT, args.batch_size, folder)
-        tag = "real_model" if args.device == "cuda" else f"{ms:g}ms"
+        tag = "real_model" if ms is None else f"{ms:g}ms"
         out[f"model_ms_per_clip_{tag}"] = round(1000 * piped["model_s"] / clips, 3)
         out[f"busy_fraction_serial_at_{tag}"] = round(serial["model_s"] / serial["span_s"], 4)
         out[f"busy_fraction_at_{tag}"] = round(piped["model_s"] / piped["span_s"], 4)
@@ -135,17 +136,81 @@ def case(shape, args, folder: str) -> dict:
         out[f"host_ms_per_clip_critical_path_at_{tag}"] = round(1000 * (piped["span_s"] - piped["model_s"]) / clips, 3)
         out[f"fill_and_drain_s_at_{tag}"] = round(piped["wall_s"] - piped["span_s"], 3)
         out[f"host_ms_per_clip_holding_device_at_{tag}"] = round(1000 * piped["critical_s"] / clips, 3)
-        if args.device == "cuda":
-            break
-    first = "real_model" if args.device == "cuda" else f"{MS_PER_CLIP_512[0]:g}ms"
+        out[f"dispatch_ms_per_clip_at_{tag}"] = round(1000 * piped["dispatch_s"] / clips, 3)
+        out[f"finish_cpu_share_at_{tag}"] = round(piped["finish_cpu_s"] / piped["span_s"], 4)
+        if (shape, ms) == TARGET[:2]:
+            four = run(encoder, table, args.units, TARGET[2], args.batch_size, folder)
+            out[f"busy_fraction_at_{tag}_{TARGET[2]}_in_flight"] = round(four["model_s"] / four["span_s"], 4)
+            out[f"host_ms_per_clip_critical_path_at_{tag}_{TARGET[2]}_in_flight"] = round(
+                1000 * (four["span_s"] - four["model_s"]) / clips, 3)
+    first = next(k.removeprefix("busy_fraction_at_") for k in out if k.startswith("busy_fraction_at_"))
     out["host_ms_per_clip_serial"] = out[f"host_ms_per_clip_serial_at_{first}"]
     out["host_ms_per_clip_critical_path"] = out[f"host_ms_per_clip_critical_path_at_{first}"]
-    out.update(qa_clip(shape))
-    print(f"{out['size']}: {n} clips/unit; host ms/clip serial {out['host_ms_per_clip_serial']}, critical path "
-          f"{out['host_ms_per_clip_critical_path']}; busy " + ", ".join(
-              f"{k.removeprefix('busy_fraction_at_')} {v:.3f}" for k, v in out.items()
-              if k.startswith("busy_fraction_at_")) + f"; QA clip {out['qa_ms_float64_before']:.0f} -> "
-          f"{out['qa_ms_now']:.0f} ms ({out['qa_speedup']:.0f}x)", flush=True)
+    print(f"{out['size']} {out['stand_in']}: {n} clips/unit; busy " + ", ".join(
+        f"{k.removeprefix('busy_fraction_at_')} {v:.3f}" for k, v in out.items() if k.startswith("busy_fraction_at_"))
+        + "; host ms/clip on the critical path " + ", ".join(
+        f"{k.removeprefix('host_ms_per_clip_critical_path_at_')} {v:.2f}" for k, v in out.items()
+        if k.startswith("host_ms_per_clip_critical_path_at_")), flush=True)
+    return out
+
+
+# ops that launch no kernel on CUDA (views, allocations): not counted as launches
+NO_LAUNCH = {"view", "_unsafe_view", "slice", "select", "permute", "unsqueeze", "squeeze", "expand", "alias", "t",
+             "transpose", "as_strided", "detach", "split", "split_with_sizes", "chunk", "unbind", "narrow", "empty",
+             "empty_strided", "empty_like", "new_empty", "new_empty_strided", "lift_fresh"}
+
+
+class LaunchCount(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.launches = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.launches += func.overloadpacket.__name__ not in NO_LAUNCH
+        return func(*args, **(kwargs or {}))
+
+
+def launch_counts(batch: int = 4, free_gib: float = 80.0) -> list[dict]:
+    """Kernel launches per encoder call (aten ops that are not views or allocations, as a
+    TorchDispatchMode sees them: the ops a CUDA run launches, a Triton kernel counted once) for
+    WF-VAE-L's structure at tiny width, at the chunking `--chunk-frames auto` picks for 33x256² and
+    33x512² with `free_gib` free (an 80 GB card), and at chunks of 8 and 16; eager against
+    --cuda-graphs (one replay per whole-clip call or steady chunk, the first chunk eager)."""
+    from benchmarks.stand_ins import TINY_L
+    from encoder_service.encode.engine import frames_that_fit
+    from encoder_service.model.cache import CausalCache
+    from encoder_service.model.graphs import GraphedEncoder
+    torch.manual_seed(0)
+    vae = WFVAE(TINY_L).eval()
+    out = []
+    for t, h, w in ((33, 256, 256), (33, 512, 512)):
+        auto = frames_that_fit(int(free_gib * 2**30), batch * h * w, torch.bfloat16)
+        for label, chunk in ((f"auto ({free_gib:g} GiB free)", auto), ("8", 8), ("16", 16)):
+            chunk = chunk if chunk and t > chunk + 1 else None
+            x = torch.zeros(batch, 3, t, 16, 16)
+            with torch.no_grad(), LaunchCount() as eager:
+                vae.encode(x, chunk_frames=chunk)
+            graphs = GraphedEncoder(vae.encoder, capture=False)
+            with torch.no_grad():
+                graphs(x, chunk)
+            steady = None
+            if chunk:
+                cache = CausalCache()
+                with torch.no_grad():
+                    vae.encoder(x[:, :, :chunk + 1], cache)
+                    with LaunchCount() as step:
+                        vae.encoder(x[:, :, chunk + 1:2 * chunk + 1], cache)
+                steady = step.launches
+            first = 0
+            if chunk:
+                with torch.no_grad(), LaunchCount() as head:
+                    vae.encoder(x[:, :, :chunk + 1], CausalCache())
+                first = head.launches
+            out.append({"size": f"{t}x{h}x{w}", "batch": batch, "chunk_frames": label,
+                        "chunk_frames_used": chunk or "whole clip", "eager_launches_per_call": eager.launches,
+                        "eager_launches_per_steady_chunk": steady,
+                        "graphed_launches_per_call": first + graphs.replays + (graphs.eager - 1 if chunk else 0),
+                        "graph_replays_per_steady_chunk": 1 if chunk else None})
     return out
 
 
@@ -195,13 +260,14 @@ def qa_clip(shape) -> dict:
 
 
 def plot(out: dict, path) -> None:
-    fig, ax = axes(7, 4)
-    cases = out["cases"]
-    xs = np.arange(len(cases))
-    ax.bar(xs - 0.2, [c["host_ms_per_clip_serial"] for c in cases], 0.4, label="serial loop")
-    ax.bar(xs + 0.2, [c["host_ms_per_clip_critical_path"] for c in cases], 0.4, label="pipelined (now)")
-    ax.set_xticks(xs, [c["size"] for c in cases])
-    save_plot(fig, ax, path, f"Host work on the device's critical path ({out['device']})", "ms per clip")
+    fig, ax = axes(8, 4)
+    bars = [(f"{c['size']}\n{c['stand_in']}\n{k.removeprefix('busy_fraction_at_')}", v) for c in out["cases"]
+            for k, v in c.items() if k.startswith("busy_fraction_at_")]
+    xs = np.arange(len(bars))
+    ax.bar(xs, [v for _, v in bars], 0.6)
+    ax.axhline(0.9, color="k", lw=0.8, ls="--", label="target 0.90")
+    ax.set_xticks(xs, [label for label, _ in bars], fontsize=6)
+    save_plot(fig, ax, path, f"Device busy, pipelined actor ({out['device']})", "device busy fraction")
 
 
 def main(argv=None) -> dict:
@@ -209,27 +275,41 @@ def main(argv=None) -> dict:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--preset", default="wfvae-l-16chn")
     p.add_argument("--sizes", default="33x256x256,33x512x512")
+    p.add_argument("--stand-ins", default=",".join(STAND_INS), help="CPU: which stand-ins (sleep, host_paying)")
     p.add_argument("--units", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--clips-per-unit", type=int, help="fewer clips per unit than --file-mb 32 gives (smoke runs)")
     p.add_argument("--out", help="JSON path (default: results/actor_<device>.json)")
     args = p.parse_args(argv)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
+    kinds = args.stand_ins.split(",") if args.device == "cpu" else ["none"]
     out = {"environment": environment(args.device), "device": args.device, "units_in_flight": UNITS_IN_FLIGHT,
-           "model": ("fixed-time stand-in (sleeps 25 or 50 ms per clip at 33x512², the same per pixel at 256²); "
-                     "the actor's code around it is real") if args.device == "cpu" else
+           "model": ("stand-ins with a stated device time per clip (benchmarks/stand_ins.py): sleep, or "
+                     "host_paying (the real forward's op sequence at tiny width, then the rest of the device "
+                     "time); the actor's code around them is real") if args.device == "cpu" else
                     f"{args.preset}, random weights, bf16",
+           "target": {"size": "x".join(map(str, TARGET[0])), "ms_per_clip": TARGET[1], "units_in_flight": TARGET[2],
+                      "stand_in": "host_paying", "device_busy_at_least": 0.90},
            "cases": []}
+    if args.device == "cpu":
+        out["launches"] = launch_counts()
+        for row in out["launches"]:
+            print(f"launches {row['size']} chunks {row['chunk_frames']}: eager {row['eager_launches_per_call']} per "
+                  f"call ({row['eager_launches_per_steady_chunk']} per steady chunk), --cuda-graphs "
+                  f"{row['graphed_launches_per_call']}", flush=True)
     with tempfile.TemporaryDirectory() as folder:
         for shape in shapes:
-            out["cases"].append(case(shape, args, folder))
+            table = unit_table(shape, args.clips_per_unit or clips_per_unit(shape))
+            for kind in kinds:
+                out["cases"].append(case(shape, kind, args, folder, table))
+            out["cases"][-1].update(qa_clip(shape))
     name = f"actor_{args.device}"
-    path = write_json(name, out) if not args.out else args.out
-    if not args.out:
-        plot(out, RESULTS / f"{name}.png")
-    else:
-        import json
-        from pathlib import Path
+    if args.out:
         Path(args.out).write_text(json.dumps(out, indent=2))
+        path = args.out
+    else:
+        path = write_json(name, out)
+        plot(out, RESULTS / f"{name}.png")
     print(f"-> {path}")
     return out
 

@@ -23,7 +23,7 @@ import torch  # noqa: E402
 import kernels  # noqa: E402
 from benchmarks.common import environment, write_json  # noqa: E402
 from benchmarks.op_bytes import OpBytes, counting_triton_kernels  # noqa: E402
-from encoder_service.engine import LatentEncoder  # noqa: E402
+from encoder_service.encode.engine import LatentEncoder  # noqa: E402
 from encoder_service.model import WFVAE  # noqa: E402
 from encoder_service.model.config import PRESETS  # noqa: E402
 

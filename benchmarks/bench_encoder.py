@@ -26,7 +26,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.common import RESULTS, axes, environment, median_time, peak_memory, save_plot
-from encoder_service.engine import LatentEncoder
+from encoder_service.encode.engine import LatentEncoder
 from encoder_service.model import WFVAE
 from encoder_service.model.config import PRESETS, WFVAEConfig
 from encoder_service.options import PRECISIONS, stored_dtype
@@ -41,9 +41,10 @@ REFERENCE_CONFIGS = Path(__file__).resolve().parents[1] / "tests" / "data"  # re
 
 # ---- implementations: build(model_name, dtype, device) -> encode(uint8 (B,T,H,W,3) on device) -> mean
 
-def build_ours(model, dtype, device, args, compile=False):
+def build_ours(model, dtype, device, args, compile=False, cuda_graphs=False):
     vae = WFVAE(smoke_config() if model == "smoke" else PRESETS[model]).to(device)
-    engine = LatentEncoder(vae, precision_of(dtype), chunk_frames=args.chunk_frames, compile=compile)
+    engine = LatentEncoder(vae, precision_of(dtype), chunk_frames=args.chunk_frames, compile=compile,
+                           cuda_graphs=cuda_graphs)
     return lambda frames: engine.encode(frames).mean
 
 
@@ -73,7 +74,13 @@ def build_diffusers(cls_name):
     return build
 
 
-IMPLS = {"ours": build_ours, "ours_compiled": build_ours_compiled, "official": build_official,
+def build_ours_graphed(model, dtype, device, args):
+    """LatentEncoder(cuda_graphs=True): the warm-up calls capture, the timed ones replay."""
+    return build_ours(model, dtype, device, args, cuda_graphs=True)
+
+
+IMPLS = {"ours": build_ours, "ours_compiled": build_ours_compiled, "ours_graphed": build_ours_graphed,
+         "official": build_official,
          "cogvideox": build_diffusers("AutoencoderKLCogVideoX"),
          "wan": build_diffusers("AutoencoderKLWan")}
 OTHER_MODELS = {"cogvideox": "cogvideox-vae", "wan": "wan2.1-vae"}  # their own architecture, default config

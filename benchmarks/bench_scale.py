@@ -186,9 +186,9 @@ def bench_moto_commits(moto: Moto, n: int) -> dict:
     seconds = time.perf_counter() - start
     requests = moto.requests() - before
     plan.lease.release()
-    out = {"shards": n, "group_shards": cfg.commit_group_shards, "committed": driver.totals.shards_done,
+    out = {"shards": n, "group_shards": cfg.commit_group_shards, "committed": driver.totals.committed.shards,
            "failed": len(driver.totals.failed), "seconds": round(seconds, 2),
-           "shards_per_s": round(driver.totals.shards_done / seconds, 1), "requests": requests,
+           "shards_per_s": round(driver.totals.committed.shards / seconds, 1), "requests": requests,
            "requests_per_shard": round(requests / n, 3)}
     print(f"commits on moto: {out['shards_per_s']} shards/s ({n} shards, groups of {cfg.commit_group_shards}, "
           f"{requests} requests)", flush=True)

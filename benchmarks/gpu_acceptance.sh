@@ -10,7 +10,7 @@
 # e.g. "correctness kernels aot encoder_ours" then the rest), and encoder_small (WF-VAE-S),
 # encoder_diffusers (CogVideoX, Wan) when time is left. aot prints registers, spills and shared
 # memory of every kernel variant (python -m kernels.aot) beside the kernels step's measured times;
-# encoder_compiled times LatentEncoder(compile=True) beside eager in the same run. The limits are estimates made
+# encoder_compiled times LatentEncoder(compile=True) and (cuda_graphs=True) beside eager in the same run. The limits are estimates made
 # without a GPU. A failed or timed-out step does not stop the next; acceptance_<device>.json records
 # each step's status and seconds. The device machine has no network: prepare here and carry .whl and
 # .official:
@@ -76,7 +76,7 @@ encoder() {  # name impls models dtypes shapes batches: a file each, so a timed-
       --warmup 2 --repeats 5 "${official[@]}" --out "$results/encoder_$1_cuda.json"
   fi
 }
-encoder_compiled() { encoder compiled "ours ours_compiled" $L bfloat16 "33x256x256 33x512x512" "1 8"; }
+encoder_compiled() { encoder compiled "ours ours_compiled ours_graphed" $L bfloat16 "33x256x256 33x512x512" "1 4 8"; }
 L=wfvae-l-16chn S=wfvae-s-8chn
 
 aot() {  # no device needed: the smoke run only checks that it starts (tests/test_kernels_aot.py runs it)
@@ -111,7 +111,7 @@ pipeline() {
 
 actor() {  # the encoder actor's unit pipeline: host ms per clip on the critical path, model-busy fraction
   if [ "$smoke" = 1 ]; then
-    "$PY" -m benchmarks.bench_actor --sizes 9x32x32 --units 2 --out "$results/actor_cpu.json"
+    "$PY" -m benchmarks.bench_actor --sizes 9x32x32 --units 2 --clips-per-unit 8 --out "$results/actor_cpu.json"
   else
     "$PY" -m benchmarks.bench_actor --device cuda --units 6 --out "$results/actor_cuda.json"
   fi

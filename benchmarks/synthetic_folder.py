@@ -66,7 +66,7 @@ def commit_rows(url: str, shards: dict[str, list[LatentRow]], ledgers: dict[str,
     """Write and commit shards of real latent rows (one group commit), replacing what they held."""
     run = run or run_meta(fp)
     folder = table_folder(url, fp, storage)
-    writer = UnitWriter(folder.fs, folder.root, run, row_group_bytes)
+    writer = UnitWriter(folder, run, row_group_bytes)
     latents, table = folder.latents(), folder.shards()
     files_now = OutputFolder.files(latents)
     old = defaultdict(dict)

@@ -7,10 +7,10 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from encoder_service.encode.quality import psnr, ssim
 from encoder_service.ingest.decoders import VideoError, get_decoder, probe
 from encoder_service.ingest.geometry import plan_geometry
 from encoder_service.model import WFVAE, CheckpointError
-from encoder_service.quality import psnr, ssim
 
 
 def load_clip(args) -> tuple[np.ndarray, list[int], float]:

@@ -12,6 +12,8 @@ Ray prefixes every name with `ray_` and counters with `_total`: `wfvae_errors` i
 """
 import functools
 import os
+import threading
+import time
 
 LATENCY_BUCKETS = {
     "decode": [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10],      # per clip
@@ -31,6 +33,11 @@ DEFINITIONS = {
     "wfvae_errors": ("counter", "Error-ledger rows by stage and reason", ("stage", "reason")),
     "wfvae_encoder_busy_seconds": ("counter", "Seconds the model ran (CUDA events on a GPU, the model call's wall "
                                    "time on the CPU)", ()),
+    "wfvae_encoder_dispatch_seconds": ("counter", "Host CPU seconds of the thread calling the model (Python, "
+                                       "dispatch, kernel launches): close to busy seconds, the device waits for "
+                                       "launches", ()),
+    "wfvae_device_utilization": ("gauge", "Fraction of the last second the GPU ran a kernel (NVML, sampled each "
+                                 "second in the encoder actor): the device's own figure", ("device",)),
     "wfvae_encoder_wait_seconds": ("counter", "Seconds an encoder actor held no unit (waiting for input)", ()),
     "wfvae_encoder_critical_host_seconds": ("counter", "Host seconds on the encoder's critical path: while holding "
                                             "the device, outside the model calls", ()),
@@ -68,7 +75,7 @@ DEFINITIONS = {
     "wfvae_qa_ssim": ("gauge", "Mean SSIM of QA clips decoded from their stored means", ()),
 }
 UNITLESS = ("wfvae_latent_channel_mean", "wfvae_latent_channel_std", "wfvae_qa_ssim",  # values without a unit
-            "wfvae_encoder_units_in_flight")
+            "wfvae_encoder_units_in_flight", "wfvae_device_utilization")
 
 
 @functools.cache
@@ -101,6 +108,33 @@ def observe(name: str, value: float, **tags) -> None:
 def set_gauge(name: str, value: float, **tags) -> None:
     if _enabled():
         _metric(name).set(value, tags=tags or None)
+
+
+def sample_device_utilization(device, every_s: float = 1.0) -> threading.Thread | None:
+    """On CUDA, a daemon thread setting wfvae_device_utilization from NVML every `every_s` (NVML's
+    own figure: the share of its last sample period in which a kernel ran, so launch gaps count as
+    idle, unlike CUDA events around a call). None off CUDA or without NVML."""
+    if getattr(device, "type", str(device)) != "cuda":
+        return None
+    try:
+        import pynvml
+        import torch
+        pynvml.nvmlInit()
+        index = torch.cuda.current_device() if device.index is None else device.index
+        bus_id = torch.cuda.get_device_properties(index).pci_bus_id  # NVML's order may differ from CUDA's
+        handle = pynvml.nvmlDeviceGetHandleByPciBusId(bus_id)
+    except Exception as exc:  # no NVML (a driver without it): the busy ratio is all there is
+        print(f"[encoder] no NVML device utilization: {exc}", flush=True)
+        return None
+
+    def sample():
+        while True:
+            set_gauge("wfvae_device_utilization", pynvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100,
+                      device=str(device))
+            time.sleep(every_s)
+    thread = threading.Thread(target=sample, name="nvml-utilization", daemon=True)
+    thread.start()
+    return thread
 
 
 def device_memory(device) -> tuple[int, int]:

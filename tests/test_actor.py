@@ -1,4 +1,4 @@
-"""The encoder actor's unit pipeline (job/unit_encoder.py): units in flight together give exactly
+"""The encoder actor's unit pipeline (encode/unit_encoder.py): units in flight together give exactly
 the results of one at a time; frames are read from the Arrow buffer without a copy; statistics in
 float32 and the float32 PSNR/SSIM equal the float64 formulas they replace (tolerances stated)."""
 import threading
@@ -10,13 +10,13 @@ import torch
 from conftest import random_vae, small_config
 
 from benchmarks.bench_actor import psnr_float64, ssim_float64
-from encoder_service.engine import LatentEncoder, channel_sums
+from encoder_service.encode.engine import LatentEncoder, channel_sums
+from encoder_service.encode.quality import psnr, ssim
+from encoder_service.encode.unit_encoder import UNITS_IN_FLIGHT, UnitEncoder, channel_stats
+from encoder_service.ingest.units import UnitBuilder, UnitPlan
 from encoder_service.job.stages import unit_and_frames
-from encoder_service.job.unit_encoder import UNITS_IN_FLIGHT, UnitEncoder, channel_stats
-from encoder_service.job.units import UnitBuilder, UnitPlan
-from encoder_service.quality import psnr, ssim
 from encoder_service.records import Clip, RunMeta, StageRow, to_table
-from encoder_service.storage import filesystem
+from encoder_service.table.folder import OutputFolder
 from encoder_service.table.writer import UnitWriter
 
 META = RunMeta("tiny", "0" * 64, "fp32", "test", [1.0] * 8, [0.0] * 8, "fp")
@@ -37,10 +37,9 @@ def unit_tables(n_units: int, clips: int = 5, shape=(9, 32, 40)) -> list[pa.Tabl
     return tables
 
 
-def encode_all(tables, in_flight: int, folder) -> dict:
-    fs, root = filesystem(str(folder))
-    encoder = LatentEncoder(random_vae(small_config()), "fp32", chunk_frames=4)
-    coder = UnitEncoder(encoder, UnitWriter(fs, root, META), META, batch_size=2, store_logvar=True)
+def encode_all(tables, in_flight: int, folder, cuda_graphs: bool = False) -> dict:
+    encoder = LatentEncoder(random_vae(small_config()), "fp32", chunk_frames=4, cuda_graphs=cuda_graphs)
+    coder = UnitEncoder(encoder, UnitWriter(OutputFolder(str(folder)), META), META, batch_size=2, store_logvar=True)
     results, todo, lock = {}, list(tables), threading.Lock()
 
     def worker():
@@ -61,10 +60,12 @@ def encode_all(tables, in_flight: int, folder) -> dict:
     return results
 
 
-def test_units_in_flight_give_the_results_of_one_at_a_time(tmp_path):
+@pytest.mark.parametrize("cuda_graphs", [False, True], ids=["eager", "static-steps"])
+def test_units_in_flight_give_the_results_of_one_at_a_time(tmp_path, cuda_graphs):
+    """Also with --cuda-graphs' static steps (shared by the units in flight): the same bytes."""
     tables = unit_tables(6)
     serial = encode_all(tables, 1, tmp_path / "a")
-    piped = encode_all(tables, UNITS_IN_FLIGHT, tmp_path / "b")
+    piped = encode_all(tables, UNITS_IN_FLIGHT, tmp_path / "b", cuda_graphs)
     assert set(serial) == set(piped) and len(serial) == 6
     for sid, out in serial.items():
         a, b = out.result, piped[sid].result
@@ -110,3 +111,21 @@ def test_float32_psnr_and_ssim_equal_the_float64_formulas(shape):
     assert ssim(a, b) == pytest.approx(ssim_float64(a, b), abs=1e-6)
     assert psnr(a, b) == pytest.approx(psnr_float64(a, b), abs=1e-4)
     assert psnr(a, a) == float("inf") and ssim(a, a) == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("kind, ms_per_clip, busy_ok", [
+    ("host_paying", 0.5, lambda busy: busy < 0.9),  # the real forward's host work (~10 ms a call) >> 2 ms of device
+    ("sleep", 25.0, lambda busy: busy >= 0.95),     # nothing on the host: the device waits for nothing
+], ids=["host-bound", "sleeping"])
+def test_busy_is_the_devices_share_and_falls_when_the_host_bounds_it(tmp_path, kind, ms_per_clip, busy_ok):
+    """The actor's busy seconds (wfvae_encoder_busy_seconds) over the span of its model calls, with
+    UNITS_IN_FLIGHT units in flight: the device's time, not the model call's wall time, so a
+    host-bound stand-in reads idle and a sleeping one busy."""
+    from benchmarks.bench_actor import run, unit_table
+    from benchmarks.stand_ins import stand_in
+    shape = (33, 32, 32)
+    encoder = stand_in(kind, ms_per_clip / 1000, shape)
+    runs = run(encoder, unit_table(shape, 8), units=4, in_flight=UNITS_IN_FLIGHT, batch_size=4, folder=str(tmp_path))
+    busy = runs["model_s"] / runs["span_s"]
+    assert busy_ok(busy), f"{kind} at {ms_per_clip} ms/clip: busy {busy:.3f}"
+    assert runs["dispatch_s"] > 0

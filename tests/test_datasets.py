@@ -5,6 +5,7 @@ are ffmpeg-made H.264, HEVC and VP9, with and without audio."""
 import gzip
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -184,13 +185,19 @@ def test_spans_with_captions_from_panda70m_metadata(panda_shard):
 
 
 def test_span_mistakes_are_ledger_rows(videos, tmp_path):
-    cases = {"none": {}, "bad": {"clips": [["x", 1]]}, "short_captions": {"clips": [[0, 1]], "caps": []}}
+    """Each its own reason and message; a sample without the captions list keeps its spans, uncaptioned."""
+    cases = {"none": {}, "bad": {"clips": [["x", 1]]}, "short_captions": {"clips": [[0, 1]], "caps": []},
+             "reversed": {"clips": [[1, 0]], "caps": ["r"]}, "empty": {"clips": [[0.5, 0.5]], "caps": ["e"]},
+             "no_captions": {"clips": [[0, 1.5]]}}
     shard = write_tar(tmp_path / "s.tar", [(k, {"mp4": videos["h264.mp4"].read_bytes(), "json": json.dumps(v).encode()})
                                            for k, v in cases.items()])
-    clips, rows = ingest(shard, clips=SPANS, captions_field="caps")
-    assert not clips
+    clips, rows = ingest(shard, clips=SPANS, captions_field="caps", fps=8)
+    assert [(c.clip.key, c.clip.caption) for c in clips] == [("s/no_captions/0", None)]
     assert {r.key.split("/")[1]: r.reason for r in rows} == {"none": "no_spans", "bad": "bad_spans",
-                                                             "short_captions": "bad_captions"}
+                                                             "short_captions": "bad_captions",
+                                                             "reversed": "bad_spans", "empty": "bad_spans"}
+    messages = {r.key.split("/")[1]: r.message for r in rows}
+    assert "ends before it starts" in messages["reversed"] and "is empty" in messages["empty"]
 
 
 def test_spans_end_to_end_with_captions_in_the_latent_rows(panda_shard, tmp_path, local_ray):
@@ -256,3 +263,54 @@ def test_pack_mistakes_are_one_line(tmp_path):
     (tmp_path / "t.csv").write_text("file\nx.mp4\n")
     run = pack(tmp_path / "t.csv", tmp_path / "out")
     assert run.returncode == 2 and run.stderr.strip().count("\n") == 0 and "no column 'path'" in run.stderr
+
+
+def test_pack_reports_bad_rows_and_odd_files_and_packs_the_rest(videos, tmp_path):
+    """An empty spans cell is that row's line; a dangling link and a FIFO are reported, never opened."""
+    long = shutil.copy(videos["long"], tmp_path / "long.mp4")
+    shutil.copy(videos["long"], tmp_path / "other.mp4")
+    table = tmp_path / "videos.csv"
+    table.write_text(f'path,clips\n{Path(long).name},"[[0, 2]]"\nother.mp4,\n')
+    run = pack(table, tmp_path / "out", "--spans-column", "clips")
+    assert run.returncode == 1 and "row 3 (" in run.stderr and "clips cell is empty" in run.stderr, run.stderr
+    assert "packed 1 videos into 1 shards" in run.stdout and "Traceback" not in run.stderr
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(videos["long"], src / "good.mp4")
+    (src / "gone.mp4").symlink_to(tmp_path / "nowhere.mp4")
+    os.mkfifo(src / "pipe.mp4")
+    run = pack(src, tmp_path / "out2")
+    assert run.returncode == 1 and "gone.mp4: a dangling link" in run.stderr, run.stderr
+    assert "pipe.mp4: not a regular file" in run.stderr and "packed 1 videos" in run.stdout
+
+
+@pytest.mark.parametrize("case, message", [
+    ("max-count-0", "--max-count must be at least 1"),
+    ("out-is-a-file", "is a file: give a folder"),
+    ("header-only", "no videos to pack (no rows)"),
+    ("bad-prefix", "--prefix must be a file-name prefix"),
+])
+def test_pack_mistakes_write_nothing(videos, tmp_path, case, message):
+    shutil.copy(videos["long"], tmp_path / "v.mp4")
+    table, out, extra = tmp_path / "t.csv", tmp_path / "out", []
+    table.write_text("path\nv.mp4\n")
+    if case == "max-count-0":
+        extra = ["--max-count", "0"]
+    elif case == "out-is-a-file":
+        out.write_text("a file")
+    elif case == "header-only":
+        table.write_text("path\n")
+    else:
+        extra = ["--prefix", "a/b"]
+    run = pack(table, out, *extra)
+    lines = run.stderr.strip().splitlines()
+    assert run.returncode == 2 and len(lines) == 1 and message in lines[0], run.stderr
+    assert not out.is_dir() or not list(out.iterdir())
+
+
+def test_pack_prefix_lets_shards_packed_apart_share_a_folder(videos, tmp_path):
+    shutil.copy(videos["long"], tmp_path / "v.mp4")
+    (tmp_path / "t.csv").write_text("path\nv.mp4\n")
+    for prefix in ("monday-", "tuesday-"):
+        assert pack(tmp_path / "t.csv", tmp_path / "out", "--prefix", prefix).returncode == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["monday-000000.tar", "tuesday-000000.tar"]

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import GOLDEN
 
-from encoder_service.engine import ClipRejected, LatentEncoder, auto_chunk_frames, numerics
+from encoder_service.encode.engine import ClipRejected, LatentEncoder, auto_chunk_frames, numerics
 from encoder_service.model import WFVAE
 from encoder_service.options import PRECISIONS
 

@@ -7,7 +7,7 @@ import torch
 
 import kernels
 from benchmarks.op_bytes import OpBytes, counting_triton_kernels
-from encoder_service.engine import LatentEncoder
+from encoder_service.encode.engine import LatentEncoder
 from encoder_service.model import WFVAE, WFVAEConfig
 from tests.conftest import GOLDEN
 

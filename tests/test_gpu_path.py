@@ -17,7 +17,7 @@ from conftest import max_abs
 from torch._prims_common import suggest_memory_format
 from torch.overrides import TorchFunctionMode
 
-from encoder_service.engine import numerics, to_channels_last_3d
+from encoder_service.encode.engine import numerics, to_channels_last_3d
 from encoder_service.model.blocks import blocked_attention
 from encoder_service.options import PRECISIONS
 

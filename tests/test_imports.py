@@ -30,7 +30,7 @@ def imported(module: str) -> dict:
 def test_an_ingest_worker_imports_no_torch_and_no_model():
     got = imported("encoder_service.ingest.stage")
     assert not any(m == "torch" or m.startswith("torch.") for m in got["modules"]), got["modules"]
-    assert not any(m.startswith(("encoder_service.model", "encoder_service.job.stages", "encoder_service.engine"))
+    assert not any(m.startswith(("encoder_service.model", "encoder_service.job", "encoder_service.encode"))
                    for m in got["modules"])
     print(f"ingest worker imports: {got['seconds']:.2f} s, peak RSS {got['rss_mb']:.0f} MiB")
     assert got["rss_mb"] < 100 and got["seconds"] < 5  # (peak RSS of this process image: ru_maxrss keeps the
@@ -40,7 +40,7 @@ def test_an_ingest_worker_imports_no_torch_and_no_model():
 @pytest.mark.parametrize("module", ["encoder_service.inspect", "encoder_service.reader", "encoder_service.options"])
 def test_inspect_and_the_reader_import_no_model_and_no_job(module):
     got = imported(module)
-    assert not any(m.startswith(("encoder_service.model", "encoder_service.job", "encoder_service.engine"))
+    assert not any(m.startswith(("encoder_service.model", "encoder_service.job", "encoder_service.encode.engine"))
                    for m in got["modules"]), got["modules"]
     if module != "encoder_service.reader":  # the reader yields tensors: torch, but no model
         assert "torch" not in got["modules"]

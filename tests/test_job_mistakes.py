@@ -97,12 +97,13 @@ def test_a_config_file_is_read_through_the_same_parsers(shard, tmp_path, capsys)
         assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_a_broken_config_file_and_captions_without_spans_are_one_line(shard, tmp_path, capsys):
+def test_a_broken_config_file_and_options_that_exclude_each_other_are_one_line(shard, tmp_path, capsys):
     config = tmp_path / "job.yaml"
     config.write_text("num_frames: [17\nsize: 32x32\n")  # a YAML syntax error
     for args, message in (
             (["--config-file", str(config)], "--config-file " + str(config) + ": while parsing"),
-            (["--captions-field", "caption"], "--captions-field gives each span its caption: it needs")):
+            (["--captions-field", "caption"], "--captions-field gives each span its caption: it needs"),
+            (["--compile", "--cuda-graphs"], "--compile and --cuda-graphs are one or the other")):
         with pytest.raises(SystemExit) as exit_:
             load_config([*base(shard[0], tmp_path / "o"), *args])
         err = capsys.readouterr().err.strip().splitlines()
@@ -169,6 +170,24 @@ def test_an_output_store_that_refuses_hangs_or_has_no_credentials_is_one_line(sh
     code = main([*map(str, base(shard[0], "s3://bucket/out")), "--s3-endpoint-url", s3_server.endpoint, *fast])
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and "NoCredentialsError" in lines[0], lines
+
+
+def test_a_hanging_output_store_says_what_it_waits_for_until_the_bound(shard, tmp_path, capsys, monkeypatch):
+    """A store that accepts connections and never answers: a [plan] line every --progress-every-s
+    naming --output and the bound, then one error line within attempts x timeouts (+ slack)."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    slow = ["--store-connect-timeout-s", "1", "--store-read-timeout-s", "2", "--store-attempts", "2",
+            "--progress-every-s", "1"]
+    with silent_server() as hung:
+        start = time.time()
+        code = main([*map(str, base(shard[0], "s3://bucket/out")), "--s3-endpoint-url", hung, *slow])
+        seconds = time.time() - start
+    captured = capsys.readouterr()
+    waiting = [line for line in captured.out.splitlines() if line.startswith("[plan] waiting for --output s3://bucket/out")]
+    assert code == 2 and len(captured.err.strip().splitlines()) == 1, captured.err
+    assert waiting and "gives up within 6s: 2 attempts" in waiting[0], captured.out
+    assert seconds < 6 * 3 + 10, seconds  # each request within its bound; planning makes a few in turn
 
 
 def test_an_error_raised_inside_ray_is_its_own_line():

@@ -179,7 +179,7 @@ def test_a_lease_ttl_that_is_not_a_number_of_seconds_is_a_usage_error(tmp_path, 
         config("x.tar", str(tmp_path), f"--lease-ttl-s={value}")
     assert exit_.value.code == 2 and "lease ttl must be a finite number" in capsys.readouterr().err
     with pytest.raises(LeaseError, match="positive number"):
-        Lease(None, "", 1, Holder("h", 1, None, 0.0), float(value))
+        Lease(None, 1, Holder("h", 1, None, 0.0), float(value))
     assert not math.isfinite(float(value))
 
 

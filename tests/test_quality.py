@@ -12,8 +12,8 @@ from services import make_bucket, s3_server  # noqa: F401
 from tables import latent_rows, records
 
 from encoder_service import cli
+from encoder_service.encode.qa import selected
 from encoder_service.job.config import load_config
-from encoder_service.job.qa import selected
 from encoder_service.job.run import run_job
 from encoder_service.records import ChannelStats
 from encoder_service.samples import write_tar, write_video

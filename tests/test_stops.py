@@ -99,6 +99,44 @@ def test_a_signal_stops_cleanly_and_the_rerun_completes_the_folder(inputs, tmp_p
     assert files(out) == files(clean)
 
 
+@pytest.mark.parametrize("sig, delay_s", [(signal.SIGINT, 0.0), (signal.SIGTERM, 0.0), (signal.SIGINT, 1.5)],
+                         ids=["SIGINT-at-ray-start", "SIGTERM-at-ray-start", "SIGINT-inside-ray-start"])
+def test_a_signal_during_start_up_is_a_clean_stop(inputs, tmp_path, sig, delay_s):
+    """The signal comes as Ray starts (right after the plan line, or a moment into ray.init): exit
+    128 + the signal within seconds, no traceback, nothing committed, the lease released, nothing of
+    Ray's left running; the next run then does everything."""
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    run = subprocess.Popen([sys.executable, "pipelines/encode_dataset.py", "--input", inputs, "--output", str(out),
+                            *ARGS, "--ray-address", "local"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        line = run.stdout.readline()
+        while line and not line.startswith("[plan] "):
+            line = run.stdout.readline()
+        time.sleep(delay_s)
+        sent = time.time()
+        run.send_signal(sig)
+        stdout, stderr = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+    assert run.returncode == 128 + sig, stderr[-3000:]
+    assert time.time() - sent < 60 and "Traceback" not in stderr and f"stopped by {sig.name}" in stderr, stderr
+    assert lease_released(out) and not shard_ids(out)  # (planning made the empty tables)
+    wait_for(lambda: not _group_alive(run.pid), 30, "Ray's processes to stop")
+    summary = run_job(load_config(["--input", inputs, "--output", str(out), *ARGS, "--progress-every-s", "1000"]))
+    assert summary["shards_done"] == SHARDS
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
 def test_a_run_that_makes_no_progress_still_says_so(capsys):
     from encoder_service.job.driver import Totals
     from encoder_service.job.progress import Progress
@@ -124,18 +162,21 @@ with stop:
 """
 
 
-@pytest.mark.parametrize("second, grace, code", [(True, 600, 130), (False, 1, 130)], ids=["second-signal", "grace"])
-def test_a_second_signal_or_the_end_of_the_grace_stops_at_once(second, grace, code):
+@pytest.mark.parametrize("sig, second, grace, code", [
+    (signal.SIGINT, True, 600, 130), (signal.SIGTERM, True, 600, 143), (signal.SIGINT, False, 1, 130)],
+    ids=["second-SIGINT", "second-SIGTERM", "grace"])
+def test_a_second_signal_or_the_end_of_the_grace_stops_at_once(sig, second, grace, code):
+    """The exit status is the documented 128 + the signal (143, 130), however the stop ends."""
     proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(STOPPER.format(grace=grace))], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "waiting"
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     assert proc.stdout.readline().strip() == "interrupted"
     if second:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == code and out.strip() == "released"
-    assert ("a second SIGINT" if second else "1 s of grace over") in err and "Traceback" not in err
+    assert (f"a second {sig.name}" if second else "1 s of grace over") in err and "Traceback" not in err
 
 
 @pytest.mark.usefixtures("local_ray")

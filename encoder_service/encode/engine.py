@@ -21,8 +21,9 @@ import numpy as np
 import torch
 
 from encoder_service import options
-from encoder_service.model import WFVAE
+from encoder_service.model import WFVAE, DiagonalGaussian
 from encoder_service.model.blocks import SCORE_BYTES
+from encoder_service.model.graphs import GraphedEncoder
 from encoder_service.model.wfvae import check_video
 
 # Encoder activation bytes per input pixel per chunk frame. Measured on CPU with the tensor tracker
@@ -44,6 +45,9 @@ class Encoded:
     #                                   of mean and of logvar (computed where the latents were made)
     done: object = None   # a CUDA event recorded after the copies to the host; None: they are done
     compile_seconds: float = 0.0  # this call's share spent compiling (its shape was new), in its wall time
+    dispatch_seconds: float = 0.0  # the calling thread's CPU time in the call: Python, dispatch, launches
+    device_seconds: float | None = None  # the device's own time when the encoder knows it (a stand-in);
+    #                                      None: the caller times the call (CUDA events around it)
 
 
 class PinnedBuffers:
@@ -77,10 +81,17 @@ class LatentEncoder:
     on CUDA. A model passed in is copied if it must change dtype or layout.
     compile: run the model through torch.compile (COMPILE_OPTIONS: static shapes, one graph, so
     each new batch shape and chunking compiles once, which its first call pays; compile_seconds
-    adds those up). Off by default until a GPU run has measured it."""
+    adds those up). Off by default until a GPU run has measured it.
+    cuda_graphs: replay a whole-clip batch, or each steady chunk, as one CUDA graph (model/graphs.py;
+    the same static-buffer steps run eagerly off CUDA). Off by default until a GPU run has measured
+    it; not with compile (one or the other: torch.compile's reduce-overhead mode would graph the
+    first, special chunk too)."""
 
     def __init__(self, vae: WFVAE, precision: str | options.Precision = "bf16",
-                 chunk_frames: int | str | None = 16, channels_last: bool | None = None, compile: bool = False):
+                 chunk_frames: int | str | None = 16, channels_last: bool | None = None, compile: bool = False,
+                 cuda_graphs: bool = False):
+        if compile and cuda_graphs:
+            raise ValueError("compile and cuda_graphs are one or the other")
         self.precision = options.precision(precision)
         self.chunk_frames = chunk_frames
         self.compiled, self.compile_seconds, self._shapes = compile, 0.0, set()
@@ -94,13 +105,15 @@ class LatentEncoder:
             if self.channels_last:
                 to_channels_last_3d(vae)
         self.vae = vae.eval()
+        self.graphs = GraphedEncoder(self.vae.encoder, capture=self.device.type == "cuda") if cuda_graphs else None
         if self.device.type == "cuda":
             self.pinned, self.copy_stream = PinnedBuffers(), torch.cuda.Stream(self.device)
 
     @classmethod
     def load(cls, checkpoint: str, config=None, precision: str = "bf16", device: str | None = None,
              chunk_frames: int | str | None = 16, channels_last: bool | None = None,
-             compile: bool = False, state: dict | None = None, sha256: str | None = None) -> "LatentEncoder":
+             compile: bool = False, state: dict | None = None, sha256: str | None = None,
+             cuda_graphs: bool = False) -> "LatentEncoder":
         """state/sha256: the checkpoint's weights and hash when the caller holds them already
         (WFVAE.from_pretrained)."""
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -108,7 +121,7 @@ class LatentEncoder:
                                     device=device, state=state, sha256=sha256)
         if channels_last if channels_last is not None else device.type == "cuda":
             to_channels_last_3d(vae)  # our own model: change it in place
-        return cls(vae, precision, chunk_frames, channels_last, compile)
+        return cls(vae, precision, chunk_frames, channels_last, compile, cuda_graphs)
 
     @property
     def config(self):
@@ -171,7 +184,7 @@ class LatentEncoder:
         sums (float32, on the device) are queued for the host right after it, into pinned memory,
         so they arrive while the next batch computes; wait(result) before reading them."""
         chunk = self.chunk_for((x.shape[0], x.shape[2], *x.shape[3:]))
-        key, start = (tuple(x.shape), x.dtype, chunk), time.perf_counter()
+        key, start, cpu = (tuple(x.shape), x.dtype, chunk), time.perf_counter(), time.thread_time()
         with numerics(self.precision):
             mean, logvar = self._moments(x, chunk)
         compile_seconds = 0.0
@@ -184,17 +197,20 @@ class LatentEncoder:
         storage = self.precision.storage
         out = [mean.to(storage), logvar.to(storage), finite, sums]
         if self.device.type != "cuda":
-            return Encoded(*out, compile_seconds=compile_seconds)
+            return Encoded(*out, compile_seconds=compile_seconds, dispatch_seconds=time.thread_time() - cpu)
         host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) for t in out]
         done = torch.cuda.Event()
         done.record()
-        return Encoded(*host, done=done, compile_seconds=compile_seconds)
+        return Encoded(*host, done=done, compile_seconds=compile_seconds, dispatch_seconds=time.thread_time() - cpu)
 
     def _model(self, x: torch.Tensor, chunk: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Frames on the device -> (mean, logvar): what torch.compile compiles."""
         if x.dtype != torch.uint8:  # float frames in [0, 255]
             x = x.to(self.precision.compute).div(127.5).sub(1.0)
-        posterior = self.vae.encode(x, chunk_frames=chunk)
+        if self.graphs is not None:
+            posterior = DiagonalGaussian(self.graphs(check_video(x, self.vae.dtype), chunk))
+        else:
+            posterior = self.vae.encode(x, chunk_frames=chunk)
         return posterior.mean, posterior.logvar
 
 
@@ -252,11 +268,16 @@ _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 def auto_chunk_frames(device: torch.device, pixels: int, compute: torch.dtype, fraction: float = 0.5) -> int | None:
     """The largest multiple of 4 frames whose activations (pixels = B*H*W per frame) fit in
-    `fraction` of the free memory, after the attention scores (bounded by SCORE_BYTES, whatever the
-    resolution: attention is query-blocked); None (whole clips) off CUDA, where memory is not the limit."""
+    `fraction` of the free memory; None (whole clips) off CUDA, where memory is not the limit."""
     if device.type != "cuda":
         return None
     free, _ = torch.cuda.mem_get_info(device)
+    return frames_that_fit(free, pixels, compute, fraction)
+
+
+def frames_that_fit(free: int, pixels: int, compute: torch.dtype, fraction: float = 0.5) -> int:
+    """Frames per chunk for `free` bytes, after the attention scores (bounded by SCORE_BYTES, whatever
+    the resolution: attention is query-blocked); chunk_for() takes the whole clip when it fits."""
     usable = max(0, free * fraction - SCORE_BYTES)
     frames = int(usable / (pixels * ACTIVATION_BYTES_PER_PIXEL[compute]))
     return max(4, frames // 4 * 4)

@@ -9,9 +9,9 @@ import hashlib
 import numpy as np
 import torch
 
-from encoder_service.engine import LatentEncoder, numerics
+from encoder_service.encode.engine import LatentEncoder, numerics
+from encoder_service.encode.quality import psnr, ssim
 from encoder_service.options import PRECISIONS
-from encoder_service.quality import psnr, ssim
 from encoder_service.records import Clip, QaRow
 
 DECODE_CHUNK_LATENTS = 4
@@ -33,7 +33,7 @@ def rel_l2(got: torch.Tensor, want: torch.Tensor) -> float:
 class QualityCheck:
     """Runs in the thread that finishes a unit, never holding the device: on CUDA on a stream of
     its own at the lowest priority, so the production model calls go first; PSNR and SSIM in
-    float32 on the device (encoder_service/quality.py)."""
+    float32 on the device (encoder_service/encode/quality.py)."""
 
     def __init__(self, checkpoint: str, model_config, device: str, chunk_frames, state: dict | None = None,
                  sha256: str | None = None):

@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from encoder_service.engine import ClipRejected, Encoded, wait
-from encoder_service.job.qa import selected
+from encoder_service.encode.engine import ClipRejected, Encoded, wait
+from encoder_service.encode.qa import selected
 from encoder_service.options import dtype_name
 from encoder_service.records import ChannelStats, Clip, LatentRow, LedgerRow, RunMeta, Unit, UnitResult
 from encoder_service.table.schema import encode_tensor
@@ -40,7 +40,11 @@ UNITS_IN_FLIGHT = 3  # one preparing, one on the device, one finishing (QA may h
 @dataclass
 class Timing:
     """Where one unit's time went, in seconds."""
-    model: float = 0.0        # the model calls (CUDA events on a GPU, wall time on the CPU)
+    model: float = 0.0        # the device's time in model calls (CUDA events on a GPU, wall time on the
+    #                           CPU; a stand-in's stated device time)
+    dispatch: float = 0.0     # host CPU time of the model calls' thread (Python, dispatch, launches): near
+    #                           `model`, the device waits for the host (launch-bound)
+    finish_cpu: float = 0.0   # CPU time of the finishing thread (rows, file, checksum; not QA)
     critical: float = 0.0     # host work while holding the device, outside the model calls
     waiting: float = 0.0      # waiting for the device (another unit's model call)
     finish: float = 0.0       # off the device: rows, statistics, file, QA
@@ -69,9 +73,10 @@ class UnitEncoder:
     def encode(self, unit: Unit, frames: np.ndarray) -> UnitOutput:
         timing = Timing()
         batches, ledger = self._model(unit, frames, timing)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.thread_time()
         with self.writing:
             result, good = self._finish(unit, batches, ledger, timing)
+        timing.finish_cpu = time.thread_time() - cpu
         result = dataclasses.replace(result, qa=self._quality(unit, frames, good))  # off the device's path
         timing.finish = time.perf_counter() - start
         return UnitOutput(result, timing)
@@ -98,6 +103,12 @@ class UnitEncoder:
         return batches, ledger
 
     def _timed_forward(self, x: torch.Tensor, timing: Timing) -> Encoded:
+        out = self._forward(x, timing)
+        timing.compile += out.compile_seconds
+        timing.dispatch += out.dispatch_seconds
+        return out
+
+    def _forward(self, x: torch.Tensor, timing: Timing) -> Encoded:
         if x.is_cuda:
             begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             begin.record()
@@ -108,8 +119,8 @@ class UnitEncoder:
         else:
             start = time.perf_counter()
             out = self.encoder.forward(x)
-            timing.model += max(0.0, time.perf_counter() - start - out.compile_seconds)
-        timing.compile += out.compile_seconds
+            wall = time.perf_counter() - start - out.compile_seconds
+            timing.model += max(0.0, wall if out.device_seconds is None else out.device_seconds)
         return out
 
     # ---- beside it ---------------------------------------------------------------------------------

@@ -140,9 +140,13 @@ def plan_spans(cfg: SamplingConfig, timestamps: np.ndarray, metadata: dict, clip
 def _span_clip(cfg, t: np.ndarray, i: int, span, caption, clip_frames: int) -> SpanClip:
     start, end = span
     where = f"span {i} [{start:.3f}, {end:.3f}]s"
-    if start >= t[-1] + 1e-6 or end <= start:
+    if end <= start:
         return SpanClip(i, span, caption, problem=SampleError(
-            "span_outside_video", f"{where} is empty or starts after the video ends ({t[-1]:.3f}s)"))
+            "bad_spans", f"{where} " + ("is empty" if end == start else "ends before it starts") +
+                         ": spans are [start, end] with start < end"))
+    if start >= t[-1] + 1e-6:
+        return SpanClip(i, span, caption, problem=SampleError(
+            "span_outside_video", f"{where} starts after the video ends ({t[-1]:.3f}s)"))
     end = min(end, float(t[-1]))
     if cfg.fps:
         targets = start + np.arange(clip_frames) / cfg.fps
@@ -176,9 +180,11 @@ def read_spans(metadata: dict, field_name: str) -> list[tuple[float, float]]:
 
 
 def read_captions(metadata: dict, field_name: str | None, n: int) -> list[str | None]:
-    if field_name is None:
+    """One caption per span; a sample without the list keeps its spans, uncaptioned (the run record
+    counts rows without a caption: captions_missing). A list that does not fit the spans is an error."""
+    value = metadata["json"].get(field_name) if field_name is not None else None
+    if value is None:
         return [None] * n
-    value = metadata["json"].get(field_name)
     if not isinstance(value, list) or len(value) != n or not all(isinstance(c, str) for c in value):
         got = f"{len(value)} entries" if isinstance(value, list) else type(value).__name__
         raise SampleError("bad_captions", f"{field_name!r} (--captions-field) must be a list of {n} strings, one "

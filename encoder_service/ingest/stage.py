@@ -1,11 +1,11 @@
 """The ingest stage as Ray Data runs it: one CPU task per input shard, clips grouped into units
-(job/units.py) and the shard's end row, as typed one-row tables. Nothing here imports torch or the
+(ingest/units.py) and the shard's end row, as typed one-row tables. Nothing here imports torch or the
 model: an ingest worker loads what ingest uses (numpy, PyAV/decord, pyarrow, fsspec)."""
 import pyarrow as pa
 
 from encoder_service import metrics
 from encoder_service.ingest.clips import IngestConfig, IngestedClip, ShardUnavailable, ingest_shard
-from encoder_service.job.units import UnitBuilder, UnitPlan
+from encoder_service.ingest.units import UnitBuilder, UnitPlan
 from encoder_service.records import LedgerRow, ShardEnd, StageRow, to_table
 from encoder_service.storage import scrub
 

@@ -72,11 +72,16 @@ class JobConfig:
                                                                                       "precision"))
     store_logvar: bool = option(True, "store the posterior log-variance too")
     batch_size: int = option(4, "clips per encoder call", _number(int, 1, 1024, "batch size"))
-    chunk_frames: int | str | None = option(16, "frames per causal-cache chunk inside the encoder (bounds GPU "
-                                            "memory): a multiple of 4, auto (from free GPU memory) or none",
+    chunk_frames: int | str | None = option("auto", "frames per causal-cache chunk inside the encoder (bounds GPU "
+                                            "memory): a multiple of 4, none (whole clips), or auto: whole clips "
+                                            "where they fit in half the free GPU memory (the fewest kernel "
+                                            "launches), else the largest multiple of 4 that fits",
                                             options.chunk_frames)
     compile: bool = option(False, "compile the encoder with torch.compile (static shapes, one graph; each bucket "
                            "shape compiles once, on its first batch). Off until measured on a GPU")
+    cuda_graphs: bool = option(False, "replay each whole-clip batch, or each steady causal-cache chunk, as one CUDA "
+                               "graph (one launch instead of hundreds; not with --compile). Off until measured "
+                               "on a GPU")
     file_mb: float = option(32.0, "MiB of latents per data file; a file is what one encoder call writes, so "
                             "its clips' frames (about 11x that in bf16) travel as one block",
                             _number(float, 0.001, 4096, "file MiB"))
@@ -246,6 +251,8 @@ def load_config(argv=None) -> JobConfig:
     if cfg.captions_field and cfg.clips_per_video.kind != "spans":
         parser.error("--captions-field gives each span its caption: it needs --clips-per-video spans (a sample's "
                      "own caption, its txt or JSON caption, is kept in every row's metadata without it)")
+    if cfg.compile and cfg.cuda_graphs:
+        parser.error("--compile and --cuda-graphs are one or the other: choose one to measure against eager")
     return cfg
 
 

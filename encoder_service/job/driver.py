@@ -43,11 +43,9 @@ class ShardState:
 
 @dataclass
 class Totals:
-    """What this invocation did (the folder's totals: records.FolderTotals)."""
-    shards_done: int = 0
-    clips: int = 0
-    latents: int = 0
-    ledger: Counter = field(default_factory=Counter)      # "stage/reason" -> rows
+    """What this invocation did: the shards it committed, counted as the folder counts them (one
+    totals type: records.FolderTotals), and the run's own progress and timings."""
+    committed: FolderTotals = field(default_factory=FolderTotals)
     failed: dict = field(default_factory=dict)            # shard id -> reason
     encode_seconds: float = 0.0
     compile_seconds: float = 0.0                          # torch.compile, all actors (--compile)
@@ -68,7 +66,6 @@ class Driver:
     def __init__(self, plan: Plan, on_progress=None, group_shards: int = 64, group_s: float = 2.0):
         self.plan, self.states, self.totals = plan, {}, Totals()
         self.committed: set[str] = set()
-        self.run = FolderTotals()                          # the shards this run committed
         self.run_id = uuid.uuid4().hex[:12]
         self.on_progress = on_progress or (lambda totals: None)
         self.group: list[ShardCommit] = []                 # finished shards waiting for their commit
@@ -177,10 +174,7 @@ class Driver:
 
     def _count(self, record: ShardRecord, seconds: float) -> None:
         self.committed.add(record.shard_id)
-        totals.add_shard(self.run, record)
-        t = self.totals
-        t.shards_done, t.clips, t.latents = t.shards_done + 1, t.clips + record.clips, t.latents + record.latents
-        t.ledger.update(record.ledger_reasons)
+        totals.add_shard(self.totals.committed, record)
         metrics.inc("wfvae_shards", status="done")
         metrics.inc("wfvae_latents_written", record.latents)
         metrics.inc("wfvae_latent_bytes_written", record.file_bytes)
@@ -202,7 +196,7 @@ class Driver:
         self.pool.shutdown()
     def quality(self) -> dict:
         """This run's latent statistics, their drift against the folder's history, and the QA figures."""
-        return totals.quality_report(self.run, self.plan.history)
+        return totals.quality_report(self.totals.committed, self.plan.history)
 
     def _report_quality(self) -> None:
         """O(channels): the run's statistics are running sums."""

@@ -2,7 +2,7 @@
 
 Decoding runs exactly as an ingest task does (encoder_service.ingest, one decoder thread per
 --ingest-cpus), so "decode frames/s per CPU" is the figure to provision ingest CPUs by; the clips
-are then encoded through the encoder actor's own unit path (job/unit_encoder.py: model calls,
+are then encoded through the encoder actor's own unit path (encode/unit_encoder.py: model calls,
 statistics, rows, a zstd Parquet file and its checksum, into a temporary folder), so the encode
 rate includes the host work an actor does per unit. The projection counts only shards read to
 their end."""
@@ -12,14 +12,14 @@ import time
 import numpy as np
 import torch
 
-from encoder_service.engine import LatentEncoder
+from encoder_service.encode.engine import LatentEncoder
+from encoder_service.encode.unit_encoder import UnitEncoder
 from encoder_service.ingest.clips import IngestConfig, IngestedClip, ingest_shard
 from encoder_service.ingest.inputs import expand_inputs
+from encoder_service.ingest.units import UnitBuilder, UnitPlan
 from encoder_service.job.config import JobConfig
 from encoder_service.job.plan import JobError, model_identity
-from encoder_service.job.unit_encoder import UnitEncoder
-from encoder_service.job.units import UnitBuilder, UnitPlan
-from encoder_service.storage import filesystem
+from encoder_service.table.folder import OutputFolder
 from encoder_service.table.writer import UnitWriter
 
 
@@ -58,8 +58,8 @@ def _encode(cfg: JobConfig, clips: list[IngestedClip]) -> float:
     encoder.encode(first[:1])  # warm-up
     _, _, run_meta = model_identity(cfg)
     with tempfile.TemporaryDirectory(prefix="wfvae-dry-run-") as folder:
-        fs, root = filesystem(folder)
-        coder = UnitEncoder(encoder, UnitWriter(fs, root, run_meta), run_meta, cfg.batch_size, cfg.store_logvar)
+        writer = UnitWriter(OutputFolder(folder), run_meta)
+        coder = UnitEncoder(encoder, writer, run_meta, cfg.batch_size, cfg.store_logvar)
         start = time.perf_counter()
         for unit in units:
             coder.encode(unit, np.frombuffer(unit.frames, np.uint8).reshape(len(unit.clips), *unit.shape))

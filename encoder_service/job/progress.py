@@ -8,6 +8,7 @@ import time
 
 from encoder_service import metrics
 from encoder_service.job.driver import Totals
+from encoder_service.storage import scrub
 
 
 class Progress:
@@ -36,8 +37,8 @@ class Progress:
         if self.bar is not None:
             self.bar.total = self.expected_clips(t)
             self.bar.update(t.clips_encoded - self.bar.n)
-            self.bar.set_postfix(shards=f"{finished}/{self.total_shards}", errors=sum(t.ledger.values()),
-                                 refresh=False)
+            self.bar.set_postfix(shards=f"{finished}/{self.total_shards}",
+                                 errors=sum(t.committed.ledger_reasons.values()), refresh=False)
         elif time.time() - self.last_print >= self.every_s:
             print(self.line(t), flush=True)
             self.last_print = time.time()
@@ -72,13 +73,13 @@ class Progress:
     def line(self, t: Totals) -> str:
         elapsed = max(1e-9, time.time() - self.started)
         eta = self.eta_s(t)
-        finished = t.shards_done + len(t.failed)
+        finished = t.committed.shards + len(t.failed)
         return (f"[encode] {finished}/{self.total_shards} shards, {t.clips_encoded} clips encoded, "
-                f"{sum(t.ledger.values())} errors, {t.clips_encoded / elapsed:.2f} clips/s, "
+                f"{sum(t.committed.ledger_reasons.values())} errors, {t.clips_encoded / elapsed:.2f} clips/s, "
                 f"ETA {'0s' if finished == self.total_shards else ('unknown' if eta is None else f'{eta:.0f}s')}")
 
     def _gauges(self, t: Totals) -> int:
-        finished = t.shards_done + len(t.failed)
+        finished = t.committed.shards + len(t.failed)
         metrics.set_gauge("wfvae_job_progress_ratio", finished / self.total_shards if self.total_shards else 1.0)
         if self.eta_s(t) is not None:
             metrics.set_gauge("wfvae_job_eta_seconds", self.eta_s(t))
@@ -91,3 +92,27 @@ class Progress:
             self.bar.update(t.clips_encoded - self.bar.n)
             self.bar.close()
         print(self.line(t), flush=True)
+
+
+@contextlib.contextmanager
+def planning_heartbeat(cfg, every_s: float | None = None):
+    """While planning talks to the stores (before Ray starts), a line every --progress-every-s saying
+    what it waits for and the most it can take: a store that accepts connections and never answers
+    shows as waiting, never as silence."""
+    every_s = cfg.progress_every_s if every_s is None else every_s
+    per_request = cfg.store_attempts * (cfg.store_connect_timeout_s + cfg.store_read_timeout_s)
+    done, started = threading.Event(), time.time()
+
+    def beat():
+        while not done.wait(every_s):
+            print(scrub(f"[plan] waiting for --output {cfg.output} and the inputs after "
+                        f"{time.time() - started:.0f}s (each request gives up within {per_request:g}s: "
+                        f"{cfg.store_attempts} attempts x ({cfg.store_connect_timeout_s:g}s connect + "
+                        f"{cfg.store_read_timeout_s:g}s read); --store-* options)"), flush=True)
+
+    thread = threading.Thread(target=beat, name="wfvae-planning", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()

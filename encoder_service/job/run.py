@@ -18,18 +18,18 @@ import ray
 import yaml
 
 from encoder_service import metrics
+from encoder_service.encode.unit_encoder import UNITS_IN_FLIGHT
 from encoder_service.ingest.clips import IngestConfig
 from encoder_service.ingest.stage import ingest_shards
+from encoder_service.ingest.units import MAX_UNIT_FRAME_BYTES, UnitPlan
 from encoder_service.job import faults
 from encoder_service.job.config import JobConfig, to_json
 from encoder_service.job.driver import Driver, Totals
 from encoder_service.job.plan import JobError, Plan, prepare
-from encoder_service.job.progress import Progress
+from encoder_service.job.progress import Progress, planning_heartbeat
 from encoder_service.job.stages import EncoderSpec, EncodeUnits
 from encoder_service.job.stop import Interrupted, StopSignals
 from encoder_service.job.summary import folder_after_run, write_records
-from encoder_service.job.unit_encoder import UNITS_IN_FLIGHT
-from encoder_service.job.units import MAX_UNIT_FRAME_BYTES, UnitPlan
 from encoder_service.model.wfvae import resolve_checkpoint
 from encoder_service.records import StageRow, from_table
 from encoder_service.storage import scrub
@@ -51,12 +51,10 @@ def build_dataset(cfg: JobConfig, plan: Plan, registry):
     ds = ds.map_batches(ingest_shards, fn_kwargs={"cfg": ingest, "units": UnitPlan.for_job(cfg, plan.model.latent_dim)},
                         batch_size=1, batch_format="pyarrow", num_cpus=cfg.ingest_cpus,
                         label_selector=dict(cfg.ingest_labels) or None)
-    spec = EncoderSpec(cfg.checkpoint, cfg.model_config, cfg.precision, cfg.device, cfg.encoder_cpus, cfg.batch_size,
-                       cfg.chunk_frames, cfg.store_logvar, cfg.output, storage, plan.run_meta, cfg.qa_fraction,
-                       cfg.seed, cfg.compile, cfg.text_encoder, cfg.text_max_length, cfg.text_precision)
+    spec = EncoderSpec(cfg, plan.run_meta)
     # Ray Data restarts dead pool actors and retries their calls (max_restarts=-1, max_task_retries=-1);
     # job/faults.py bounds the retries of a unit that keeps failing.
-    # UNITS_IN_FLIGHT calls per actor at once, each in its own thread (job/unit_encoder.py)
+    # UNITS_IN_FLIGHT calls per actor at once, each in its own thread (encode/unit_encoder.py)
     pool = ActorPoolStrategy(size=cfg.actors(), max_tasks_in_flight_per_actor=UNITS_IN_FLIGHT,
                              max_concurrent_calls_per_actor=UNITS_IN_FLIGHT, enable_true_multi_threading=True)
     return ds.map_batches(EncodeUnits, fn_constructor_args=(spec, registry), batch_size=1, batch_format="pyarrow",
@@ -78,30 +76,38 @@ def encoder_resources(cfg: JobConfig, plan: Plan) -> dict:
 def run_job(cfg: JobConfig) -> dict:
     """Plan (JobError before Ray), run, write the folder summary; the outcome is counted in
     `wfvae_job_runs_total`, then the driver lingers so Ray's metrics agent exports the last values.
-    SIGTERM/SIGINT stop the run cleanly (job/stop.py): the record says "interrupted", then
-    Interrupted is raised. Ray is stopped at the end if this call started it."""
+    SIGTERM/SIGINT stop the run cleanly (job/stop.py) from the first moment: during planning or
+    Ray's start-up nothing has begun and Interrupted is raised at once; later the record says
+    "interrupted", then Interrupted is raised. Ray is stopped at the end if this call started it."""
     started = time.time()  # the job's start: clips/s are end to end, start-up included
-    plan = prepare(cfg)
-    outcome, logging_config, started_ray = "failed", None, False
-    stop = StopSignals(cfg.stop_grace_s, at_once=plan.lease.release)
+    plan, outcome, logging_config, started_ray = None, "failed", None, False
+    stop = StopSignals(cfg.stop_grace_s, at_once=lambda: plan is not None and plan.lease.release())
     try:
-        print(plan.line(), flush=True)
-        if not ray.is_initialized():
-            ray.init(address=cfg.ray_address, ignore_reinit_error=True, log_to_driver=True, logging_level="ERROR")
-            started_ray = True
-        logging_config = _quiet_ray_data_console()
-        with stop:  # installed after ray.init, whose own handlers it replaces for the run
+        with stop:
+            with stop.waiting():  # start-up: a signal stops here, before any work
+                with planning_heartbeat(cfg):
+                    plan = prepare(cfg)
+                print(plan.line(), flush=True)
+                if not ray.is_initialized():
+                    started_ray = True  # (set first: a signal inside ray.init still shuts down what it began)
+                    ray.init(address=cfg.ray_address, ignore_reinit_error=True, log_to_driver=True,
+                             logging_level="ERROR")
+                logging_config = _quiet_ray_data_console()
+            stop.install()  # ray.init installs handlers of its own: ours again for the run
+            stop.check()    # a signal some library swallowed during start-up still stops the run
             record = _run(resolve_gpus(cfg), plan, stop, started)
         outcome = "interrupted" if record["interrupted"] else "failed" if record["shards_failed"] else "succeeded"
         if record["interrupted"]:
             raise Interrupted(stop.signum)
         return record
     finally:
-        plan.lease.release()
+        if plan is not None:
+            plan.lease.release()
         if logging_config is not None:  # (the file stays: the next run reuses it)
             os.environ.pop("RAY_DATA_LOGGING_CONFIG", None)
-        metrics.inc("wfvae_job_runs", outcome=outcome)
-        time.sleep(0 if outcome == "interrupted" else cfg.metrics_linger_s)
+        if ray.is_initialized():
+            metrics.inc("wfvae_job_runs", outcome=outcome)
+            time.sleep(0 if outcome == "interrupted" or plan is None else cfg.metrics_linger_s)
         if started_ray:
             ray.shutdown()
 
@@ -180,10 +186,10 @@ def _run(cfg: JobConfig, plan: Plan, stop: StopSignals, started: float) -> dict:
         driver.close()  # the finished shards are committed (or the grace period ends the process)
     failed = {**driver.totals.failed, **({} if interrupted else driver.unfinished())}
     progress.close(driver.totals)
-    folder = folder_after_run(plan, driver.run, driver.committed)
+    folder = folder_after_run(plan, driver.totals.committed, driver.committed)
     record = {**_run_record(cfg, plan, driver.totals, failed, started), "quality": driver.quality(),
               "interrupted": interrupted is not None,
-              "shards_left_for_next_run": len(plan.todo) - driver.totals.shards_done - len(failed),
+              "shards_left_for_next_run": len(plan.todo) - driver.totals.committed.shards - len(failed),
               "table": _finish_table(plan, cfg, interrupted is None)}
     write_records(plan.folder, folder, record)
     plan.folder.remove_temporaries()
@@ -258,19 +264,22 @@ def _run_record(cfg: JobConfig, plan: Plan, t: Totals, failed: dict, started: fl
     now = time.time()
     elapsed = now - started
     first = t.first_result
-    rates = {"clips_per_s": round(t.latents / elapsed, 3) if elapsed else 0.0,
-             "clips_per_s_encoding": round(t.latents / (now - first), 3) if first and now > first else None,
+    done = t.committed
+    rates = {"clips_per_s": round(done.latents / elapsed, 3) if elapsed else 0.0,
+             "clips_per_s_encoding": round(done.latents / (now - first), 3) if first and now > first else None,
              "startup_seconds": round(first - started, 2) if first else None}
     busy = None
     if t.first_result is not None:
         busy = round(min(1.0, t.encode_seconds / (cfg.actors() * max(1e-9, time.time() - t.first_result))), 3)
-    return {"inputs": plan.inputs, "shards_done": t.shards_done, "shards_skipped": plan.skipped,
+    return {"inputs": plan.inputs, "shards_done": done.shards, "shards_skipped": plan.skipped,
             "shards_by_reason": dict(sorted(plan.why.items())),
-            "shards_failed": len(failed), "failed_shards": dict(sorted(failed.items())), "clips": t.clips,
-            "latents": t.latents, "errors": sum(t.ledger.values()), "errors_by_reason": dict(sorted(t.ledger.items())),
+            "shards_failed": len(failed), "failed_shards": dict(sorted(failed.items())), "clips": done.clips,
+            "latents": done.latents, "errors": sum(done.ledger_reasons.values()),
+            "errors_by_reason": dict(sorted(done.ledger_reasons.items())),
             "seconds": round(elapsed, 2), **rates,
             "encoder_busy_fraction": busy, "compile_seconds": round(t.compile_seconds, 2),
-            "text_seconds_per_clip": round(t.text_seconds / t.latents, 5) if cfg.text_encoder and t.latents else None,
+            "text_seconds_per_clip": (round(t.text_seconds / done.latents, 5) if cfg.text_encoder and done.latents
+                                      else None),
             "captions_missing": t.captions_missing,
             "driver_bytes_received": t.driver_bytes,
             "settings": plan.settings, "run": dataclasses.asdict(plan.run_meta), "config": to_json(cfg)}

@@ -14,10 +14,11 @@ import pyarrow as pa
 import torch
 
 from encoder_service import metrics
-from encoder_service.engine import LatentEncoder
+from encoder_service.encode.engine import LatentEncoder
+from encoder_service.encode.qa import QualityCheck
+from encoder_service.encode.unit_encoder import UnitEncoder, UnitOutput
 from encoder_service.job import faults
-from encoder_service.job.qa import QualityCheck
-from encoder_service.job.unit_encoder import UnitEncoder, UnitOutput
+from encoder_service.job.config import JobConfig
 from encoder_service.records import (
     Clip,
     RunMeta,
@@ -27,31 +28,18 @@ from encoder_service.records import (
     from_dict,
     to_table,
 )
-from encoder_service.storage import StorageOptions, filesystem, scrub
+from encoder_service.storage import scrub
+from encoder_service.table.folder import OutputFolder
 from encoder_service.table.writer import UnitWriter
 
 
 # ---- encode -------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class EncoderSpec:
-    """What an encoder actor is built from (small, picklable)."""
-    checkpoint: str
-    model_config: str | None
-    precision: str
-    device: str                 # auto | cuda | cpu
-    cpus: float
-    batch_size: int
-    chunk_frames: int | str | None
-    store_logvar: bool
-    output: str
-    storage: StorageOptions
+    """What an encoder actor is built from (small, picklable): the job's parsed options as they are
+    (one definition: job/config.py) and the run's identity the driver planned with."""
+    config: JobConfig
     run_meta: RunMeta
-    qa_fraction: float = 0.0
-    qa_seed: int = 0
-    compile: bool = False
-    text_encoder: str | None = None
-    text_max_length: int | None = None
-    text_precision: str = "auto"
 
 
 def resolve_device(choice: str) -> str:
@@ -77,7 +65,7 @@ def checkpoint_state(spec: EncoderSpec) -> tuple[str, dict]:
 
     from encoder_service.model.checkpoint import read_state_dict, sha256_file
     from encoder_service.model.wfvae import resolve_checkpoint
-    weights, _ = resolve_checkpoint(Path(spec.checkpoint), spec.model_config)
+    weights, _ = resolve_checkpoint(Path(spec.config.checkpoint), spec.config.model_config)
     digest = sha256_file(weights)
     if digest != spec.run_meta.vae_sha256:
         raise RuntimeError(f"{weights} on this node has sha256 {digest[:12]}..., the run planned with "
@@ -87,27 +75,30 @@ def checkpoint_state(spec: EncoderSpec) -> tuple[str, dict]:
 
 class EncodeUnits:
     """map_batches UDF for the actor pool (batch_size=1: one unit per call). Ray runs up to
-    UNITS_IN_FLIGHT calls of one actor at once, each in its own thread: job/unit_encoder.py keeps
+    UNITS_IN_FLIGHT calls of one actor at once, each in its own thread: encode/unit_encoder.py keeps
     the model calls one at a time and everything else beside them."""
 
     def __init__(self, spec: EncoderSpec, registry):
-        device = resolve_device(spec.device)
+        cfg, meta = spec.config, spec.run_meta
+        device = resolve_device(cfg.device)
         if device == "cpu":
-            torch.set_num_threads(max(1, round(spec.cpus)))
+            torch.set_num_threads(max(1, round(cfg.encoder_cpus)))
         self.spec, self.registry = spec, registry
         weights, state = checkpoint_state(spec)  # read and hashed once: the production model and QA share them
-        encoder = LatentEncoder.load(spec.checkpoint, spec.model_config, spec.precision, device, spec.chunk_frames,
-                                     compile=spec.compile, state=state, sha256=spec.run_meta.vae_sha256)
-        fs, root = filesystem(spec.output, spec.storage)
-        qa = QualityCheck(spec.checkpoint, spec.model_config, device, spec.chunk_frames, state,
-                          spec.run_meta.vae_sha256) if spec.qa_fraction else None
+        encoder = LatentEncoder.load(cfg.checkpoint, cfg.model_config, cfg.precision, device, cfg.chunk_frames,
+                                     compile=cfg.compile, state=state, sha256=meta.vae_sha256,
+                                     cuda_graphs=cfg.cuda_graphs)
+        qa = QualityCheck(cfg.checkpoint, cfg.model_config, device, cfg.chunk_frames, state,
+                          meta.vae_sha256) if cfg.qa_fraction else None
         del state
         text = None
-        if spec.text_encoder:
+        if cfg.text_encoder:
             from encoder_service.text.encoder import TextEncoder
-            text = TextEncoder(spec.text_encoder, spec.text_precision, device, spec.text_max_length)
-        self.units = UnitEncoder(encoder, UnitWriter(fs, root, spec.run_meta), spec.run_meta, spec.batch_size,
-                                 spec.store_logvar, qa, spec.qa_seed, spec.qa_fraction, text)
+            text = TextEncoder(cfg.text_encoder, cfg.text_precision, device, cfg.text_max_length)
+        writer = UnitWriter(OutputFolder(cfg.output, cfg.storage()), meta)
+        self.units = UnitEncoder(encoder, writer, meta, cfg.batch_size, cfg.store_logvar, qa, cfg.seed,
+                                 cfg.qa_fraction, text)
+        metrics.sample_device_utilization(encoder.device)
         self.injection = faults.Injection.from_env()
         if self.injection:
             self.units.before_write = lambda u: self.injection.before_write(f"{u.shard_id}/{u.index}", registry)
@@ -160,8 +151,9 @@ class EncodeUnits:
     def _fault(self, unit: Unit, key: str, exc: Exception) -> UnitResult:
         import ray
         attempts = ray.get(self.registry.record.remote(key))
-        print(f"[encoder] unit {key}: {type(exc).__name__}: {exc} (attempt {attempts} of {faults.MAX_ATTEMPTS})",
-              file=sys.stderr, flush=True)
+        tries = (f"attempt {attempts} of {faults.MAX_ATTEMPTS}" if attempts < faults.MAX_ATTEMPTS else
+                 f"attempt {attempts}, the last: the unit fails and its shard stays uncommitted")
+        print(f"[encoder] unit {key}: {type(exc).__name__}: {exc} ({tries})", file=sys.stderr, flush=True)
         if attempts < faults.MAX_ATTEMPTS:
             os._exit(1)  # Ray restarts the actor and retries its units in a fresh process (a fresh CUDA context)
         # the unit fails; should this process be broken for good (a sticky CUDA error), the next unit
@@ -172,6 +164,7 @@ class EncodeUnits:
     def _report(self, output: UnitOutput, unit: Unit) -> None:
         result, timing = output.result, output.timing
         metrics.inc("wfvae_encoder_busy_seconds", timing.model)
+        metrics.inc("wfvae_encoder_dispatch_seconds", timing.dispatch)
         metrics.inc("wfvae_encoder_critical_host_seconds", timing.critical)
         metrics.inc("wfvae_encoder_finish_seconds", timing.finish)
         if timing.text:

@@ -44,6 +44,13 @@ class StopSignals:
             self._previous = {s: signal.signal(s, self._handle) for s in SIGNALS}
         return self
 
+    def install(self) -> None:
+        """Ours again, after a library (ray.init) installed its own; __exit__ still restores the
+        handlers from before __enter__."""
+        if self._previous:
+            for s in SIGNALS:
+                signal.signal(s, self._handle)
+
     def __exit__(self, *exc):
         if self._timer is not None:
             self._timer.cancel()
@@ -69,8 +76,8 @@ class StopSignals:
             self._hard_stop(f"a second {signal.Signals(signum).name}")
             return
         self.signum = signum
-        print(f"[stop] {signal.Signals(signum).name}: no new shards; finishing the commits under way (at most "
-              f"{self.grace_s:g} s; a second signal stops at once)", file=sys.stderr, flush=True)
+        print(f"[stop] {signal.Signals(signum).name}: no new shards; finishing the commits under way, if any (at "
+              f"most {self.grace_s:g} s; a second signal stops at once)", file=sys.stderr, flush=True)
         self._timer = threading.Timer(self.grace_s, self._hard_stop, args=(f"{self.grace_s:g} s of grace over",))
         self._timer.daemon = True
         self._timer.start()

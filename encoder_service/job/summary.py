@@ -29,8 +29,8 @@ def folder_after_run(plan, run: FolderTotals, committed: set[str]) -> FolderTota
 
 def write_records(folder: OutputFolder, totals_now: FolderTotals, run: dict) -> None:
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    put_small(folder.fs, folder.root, folder.path(layout.RUNS, f"{stamp}-{uuid.uuid4().hex[:8]}.json"), _json(run))
-    put_small(folder.fs, folder.root, folder.path(layout.SUMMARY),
+    put_small(folder, folder.path(layout.RUNS, f"{stamp}-{uuid.uuid4().hex[:8]}.json"), _json(run))
+    put_small(folder, folder.path(layout.SUMMARY),
               _json({**totals.folder_report(totals_now), "last_run": run}))
 
 

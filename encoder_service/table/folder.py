@@ -216,7 +216,7 @@ class OutputFolder:
 
     def _add_shard_rows(self, shards: DeltaTable, rows: list[ShardRecord] | pa.Table, name: str, mode: str) -> None:
         table = rows if isinstance(rows, pa.Table) else records.to_table(rows, ShardRecord)
-        size = write_table_file(self.fs, self.root, self.path(layout.SHARDS, name), table)
+        size = write_table_file(self, self.path(layout.SHARDS, name), table)
         stats = {"numRecords": table.num_rows}
         shards.create_write_transaction([AddAction(name, size, {}, int(time.time() * 1000), True, json.dumps(stats))],
                                         mode, SHARD_SCHEMA,

@@ -23,7 +23,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 
-from encoder_service.storage import NotAtomic, join, list_prefix, put_if_absent, retry
+from encoder_service.storage import NotAtomic, list_prefix, put_if_absent, retry
 from encoder_service.table import layout
 from encoder_service.table.writer import put_small
 
@@ -75,10 +75,11 @@ def _utc(t: float) -> str:
 
 
 class Lease:
-    def __init__(self, fs, root: str, generation: int, holder: Holder, ttl_s: float):
+    def __init__(self, folder, generation: int, holder: Holder, ttl_s: float):
+        """folder: the table.folder.OutputFolder the lease is on (its filesystem, root and names)."""
         if not math.isfinite(ttl_s) or ttl_s <= 0:
             raise LeaseError(f"a lease's ttl must be a positive number of seconds, got {ttl_s!r}")
-        self.fs, self.root, self.generation, self.holder, self.ttl_s = fs, root, generation, holder, ttl_s
+        self.folder, self.generation, self.holder, self.ttl_s = folder, generation, holder, ttl_s
         self.renewed = time.monotonic()
         self.lost: str | None = None
         self._stop = threading.Event()
@@ -90,11 +91,10 @@ class Lease:
                 breaking: int | None = None) -> "Lease":
         """Take the folder's (an OutputFolder's) lease; `breaking`: the generation to take over even
         if it looks live."""
-        fs, root = folder.fs, folder.root
         holder = holder or Holder.this_process()
         for _ in range(3):
-            newest = _generations(fs, root)
-            current = _read(fs, root, newest[-1]) if newest else None
+            newest = _generations(folder)
+            current = _read(folder, newest[-1]) if newest else None
             if breaking is not None and (not newest or newest[-1] != breaking):
                 raise LeaseError(f"--break-lease {breaking}: the folder's lease is at generation "
                                  f"{newest[-1] if newest else 'none'}, not {breaking}; nothing was broken")
@@ -105,12 +105,13 @@ class Lease:
                                  f"{current['ttl_s']:.0f} s without renewal); one run per output folder at a time. "
                                  f"If that run is gone, pass --break-lease {newest[-1]}")
             generation = (newest[-1] if newest else 0) + 1
-            lease = cls(fs, root, generation, holder, ttl_s)
+            lease = cls(folder, generation, holder, ttl_s)
             try:
-                created = put_if_absent(fs, lease.path(generation), lease._record())
+                created = put_if_absent(folder.fs, lease.path(generation), lease._record())
             except NotAtomic:
-                raise LeaseError(f"--output {root}: this store cannot create a file only if it is absent, so two "
-                                 "runs on one folder could not be kept apart; use a local folder or s3://") from None
+                raise LeaseError(f"--output {folder.root}: this store cannot create a file only if it is "
+                                 "absent, so two runs on one folder could not be kept apart; use a local folder "
+                                 "or s3://") from None
             if created:
                 if current is not None and not current["released"]:
                     why = ("broken by --break-lease" if newest[-1] == breaking else "its process is gone"
@@ -119,10 +120,10 @@ class Lease:
                           f"{why}", flush=True)
                 lease._remove_older(newest)
                 return lease
-        raise LeaseError(f"--output {root}: other runs keep taking the folder's lease; try again")
+        raise LeaseError(f"--output {folder.root}: other runs keep taking the folder's lease; try again")
 
     def path(self, generation: int) -> str:
-        return join(self.root, layout.LEASE, f"{generation:012d}.json")
+        return self.folder.path(layout.LEASE, f"{generation:012d}.json")
 
     def _record(self, released: bool = False) -> bytes:
         return json.dumps({"holder": asdict(self.holder), "renewed": time.time(), "ttl_s": self.ttl_s,
@@ -131,17 +132,17 @@ class Lease:
     def _remove_older(self, generations: list[int]) -> None:
         try:
             if generations:
-                self.fs.rm([self.path(g) for g in generations])
+                self.folder.fs.rm([self.path(g) for g in generations])
         except OSError:
             pass  # stale generations are harmless: the newest one counts
 
     # ---- holding it ---------------------------------------------------------------------------
     def renew(self) -> None:
-        newer = [g for g in _generations(self.fs, self.root) if g > self.generation]
+        newer = [g for g in _generations(self.folder) if g > self.generation]
         if newer:
             self.lost = f"generation {newer[-1]} was taken by another run"
             return
-        put_small(self.fs, self.root, self.path(self.generation), self._record())  # whole: readers never see half
+        put_small(self.folder, self.path(self.generation), self._record())  # whole: readers never see half
         self.renewed = time.monotonic()
 
     def valid(self) -> bool:
@@ -170,8 +171,8 @@ class Lease:
         if self._thread is not None:
             self._thread.join()
         try:
-            if self.lost is None and not [g for g in _generations(self.fs, self.root) if g > self.generation]:
-                put_small(self.fs, self.root, self.path(self.generation), self._record(released=True))
+            if self.lost is None and not [g for g in _generations(self.folder) if g > self.generation]:
+                put_small(self.folder, self.path(self.generation), self._record(released=True))
         except PermissionError:
             pass  # a read-only folder: the next run on this host sees this process gone and takes over
 
@@ -183,24 +184,24 @@ def _live(current: dict) -> bool:
     return not Holder(**current["holder"]).gone()
 
 
-def _generations(fs, root: str) -> list[int]:
+def _generations(folder) -> list[int]:
     found = []
-    for entry in list_prefix(fs, join(root, layout.LEASE)):
+    for entry in list_prefix(folder.fs, folder.path(layout.LEASE)):
         if entry.name.startswith("."):
             continue  # a renewal being written (table/writer.py: put_small)
         stem = entry.name[:-len(".json")]
         if entry.name.endswith(".json") and stem.isdigit():
             found.append(int(stem))
         else:
-            raise LeaseError(f"--output {root}: {layout.LEASE}/{entry.name} is not a lease file of this service; "
-                             "if no run is using the folder, delete it")
+            raise LeaseError(f"--output {folder.root}: {layout.LEASE}/{entry.name} is not a lease file of this "
+                             "service; if no run is using the folder, delete it")
     return sorted(found)
 
 
-def _read(fs, root: str, generation: int) -> dict:
-    path = join(root, layout.LEASE, f"{generation:012d}.json")
+def _read(folder, generation: int) -> dict:
+    path = folder.path(layout.LEASE, f"{generation:012d}.json")
     try:
-        data = json.loads(retry(lambda: fs.cat_file(path)))
+        data = json.loads(retry(lambda: folder.fs.cat_file(path)))
         if not isinstance(data, dict):
             raise TypeError("not an object")
         Holder(**data["holder"])
@@ -208,6 +209,6 @@ def _read(fs, root: str, generation: int) -> dict:
     except FileNotFoundError:  # released and cleaned between the listing and the read: free
         return {"released": True, "holder": {}, "renewed": 0, "ttl_s": 0}
     except (ValueError, TypeError, KeyError) as exc:
-        raise LeaseError(f"--output {root}: {path} is not a lease of this service ({type(exc).__name__}); if no "
+        raise LeaseError(f"--output {folder.root}: {path} is not a lease of this service ({type(exc).__name__}); if no "
                          "run is using the folder, delete it") from None
     return data

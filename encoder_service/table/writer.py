@@ -1,6 +1,7 @@
-"""Writing files into an output folder (table/layout.py): latent data files where the latents are
-made, small bookkeeping files whole. Which files the table holds is decided by the driver's commits
-(table/log.py), never by what a directory lists.
+"""Writing files into an output folder (a table.folder.OutputFolder: its filesystem, root and
+layout.py's names): latent data files where the latents are made, small bookkeeping files whole.
+Which files the table holds is decided by the driver's commits (table/folder.py), never by what a
+directory lists.
 
 Encoder actors write each unit's latents as one Parquet file straight to its final name in latents/
 (named by its content hash: the same rows give the same name, so a retried or redone unit writes the
@@ -19,7 +20,7 @@ import pyarrow.parquet as pq
 
 from encoder_service import records
 from encoder_service.records import DataFile, LatentRow, RunMeta
-from encoder_service.storage import is_local, is_s3, join, retry, sha256_of
+from encoder_service.storage import is_local, is_s3, retry, sha256_of
 from encoder_service.table import layout
 from encoder_service.table.schema import run_metadata
 
@@ -29,7 +30,7 @@ _DICTIONARY = ["source_url", "bucket", "vae_name", "vae_sha256", "latent_dtype",
                "stage", "reason"]
 
 
-def write_parquet(fs, root: str, rows: list, cls, run_meta: RunMeta, name_of,
+def write_parquet(folder, rows: list, cls, run_meta: RunMeta, name_of,
                   row_group_bytes: int = ROW_GROUP_BYTES) -> DataFile:
     """Write rows (sorted here by key) as one Parquet file, whole or not at all, at the name
     `name_of(sha256)` gives inside the folder. Locally the file is written in the folder's _tmp/ and
@@ -37,14 +38,14 @@ def write_parquet(fs, root: str, rows: list, cls, run_meta: RunMeta, name_of,
     rows = sorted(rows, key=lambda r: (r.key, getattr(r, "stage", ""), getattr(r, "reason", "")))
     table = records.to_table(rows, cls, run_metadata(run_meta))
     per_row = max(1, table.nbytes // max(1, table.num_rows))
-    local = _temporary(fs, root, ".parquet")
+    local = _temporary(folder, ".parquet")
     try:
         pq.write_table(table, local, compression="zstd", row_group_size=max(1, row_group_bytes // per_row),
                        use_dictionary=[c for c in _DICTIONARY if c in table.column_names],
                        write_statistics=["key"], write_page_checksum=True)
         size, digest = os.path.getsize(local), sha256_of(LOCAL, local)
         name = name_of(digest)
-        _publish(fs, local, join(root, name))
+        _publish(folder.fs, local, folder.path(name))
     finally:
         if os.path.exists(local):
             os.unlink(local)
@@ -52,24 +53,25 @@ def write_parquet(fs, root: str, rows: list, cls, run_meta: RunMeta, name_of,
     return DataFile(name, len(rows), size, digest, *keys)
 
 
-def write_table_file(fs, root: str, path: str, table) -> int:
+def write_table_file(folder, path: str, table) -> int:
     """A bookkeeping table (rows of the shards table) as one Parquet file, whole or not at all;
     returns its size."""
-    local = _temporary(fs, root, ".parquet")
+    local = _temporary(folder, ".parquet")
     try:
         pq.write_table(table, local, compression="zstd")
         size = os.path.getsize(local)
-        _publish(fs, local, path)
+        _publish(folder.fs, local, path)
     finally:
         if os.path.exists(local):
             os.unlink(local)
     return size
 
 
-def put_small(fs, root: str, path: str, data: bytes) -> None:
+def put_small(folder, path: str, data: bytes) -> None:
     """Publish a small file (JSON bookkeeping) whole: on local disk written beside its place under a
     dot name and renamed (readers of the folder never see half a file, and no temporary folder is
     left), elsewhere put in one request."""
+    fs = folder.fs
     if is_s3(fs):
         bucket, key, _ = fs.split_path(path)
         retry(lambda: fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data))
@@ -90,13 +92,13 @@ def put_small(fs, root: str, path: str, data: bytes) -> None:
             os.unlink(local)
 
 
-def _temporary(fs, root: str, suffix: str) -> str:
+def _temporary(folder, suffix: str) -> str:
     """A local file name to write into: inside the output folder for local folders (so publishing
     is a rename, and a crash leaves it where the next run's cleanup looks), else the system's."""
-    if is_local(fs):
-        folder = fs._strip_protocol(join(root, layout.LOCAL_TMP))
-        os.makedirs(folder, exist_ok=True)
-        return os.path.join(folder, f"{uuid.uuid4().hex}{suffix}")
+    if is_local(folder.fs):
+        tmp = folder.fs._strip_protocol(folder.path(layout.LOCAL_TMP))
+        os.makedirs(tmp, exist_ok=True)
+        return os.path.join(tmp, f"{uuid.uuid4().hex}{suffix}")
     fd, name = tempfile.mkstemp(suffix=suffix)
     os.close(fd)
     return name
@@ -112,11 +114,12 @@ def _publish(fs, local: str, path: str) -> None:
 
 
 class UnitWriter:
-    """What an encoder actor writes with: one unit's latents -> one data file at its final name."""
+    """What an encoder actor writes with: one unit's latents -> one data file at its final name in
+    `folder` (a table.folder.OutputFolder: its filesystem, root and layout)."""
 
-    def __init__(self, fs, root: str, run_meta: RunMeta, row_group_bytes: int = ROW_GROUP_BYTES):
-        self.fs, self.root, self.run_meta, self.row_group_bytes = fs, root.rstrip("/"), run_meta, row_group_bytes
+    def __init__(self, folder, run_meta: RunMeta, row_group_bytes: int = ROW_GROUP_BYTES):
+        self.folder, self.run_meta, self.row_group_bytes = folder, run_meta, row_group_bytes
 
     def write(self, shard_id: str, unit: int, rows: list[LatentRow]) -> DataFile:
-        return write_parquet(self.fs, self.root, rows, LatentRow, self.run_meta,
+        return write_parquet(self.folder, rows, LatentRow, self.run_meta,
                              lambda digest: layout.data_name(shard_id, unit, digest), self.row_group_bytes)
