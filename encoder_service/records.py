@@ -219,6 +219,38 @@ class FolderTotals:
     qa: QaSummary = dataclasses.field(default_factory=QaSummary)
 
 
+@dataclass
+class RunRecord:
+    """One invocation, as stored in _runs/<time>-<run>.json and as _summary.json's "last_run"
+    (job/run.py makes it, job/summary.py writes it)."""
+    inputs: list                          # the --input patterns as given
+    shards_done: int                      # committed by this run
+    shards_skipped: int                   # already complete
+    shards_by_reason: dict                # why each planned shard was (re)done or skipped: reason -> count
+    shards_failed: int
+    failed_shards: dict                   # shard id -> reason (uncommitted: the next run redoes them)
+    clips: int
+    latents: int
+    errors: int                           # ledger rows of the committed shards
+    errors_by_reason: dict                # "stage/reason" -> rows
+    seconds: float                        # from the job's start (planning and Ray's start-up included)
+    clips_per_s: float                    # latents / seconds
+    clips_per_s_encoding: float | None    # from the first encoder result
+    startup_seconds: float | None         # the job's start to the first encoder result
+    encoder_busy_fraction: float | None   # device seconds / (actors x seconds since the first result)
+    compile_seconds: float
+    text_seconds_per_clip: float | None
+    captions_missing: int
+    driver_bytes_received: int
+    settings: dict                        # the folder's settings (table description)
+    run: dict                             # RunMeta: model, checkpoint sha256, precision, pipeline version
+    config: dict                          # the options as the config file spells them
+    quality: dict                         # latent statistics, drift against the folder's history, QA
+    interrupted: bool                     # stopped by SIGTERM/SIGINT
+    shards_left_for_next_run: int
+    table: dict                           # versions, checkpoint and vacuum at the end
+
+
 @dataclass(frozen=True)
 class StageRow:
     kind: str                     # unit | end | result

@@ -100,7 +100,7 @@ def test_job_config_is_accepted_by_the_job():
     cfg = load_config(["--config-file", str(KUBERAY / "job.yaml")])
     cfg.sampling()
     workers = resources()["RayCluster"]["spec"]["workerGroupSpecs"][0]
-    assert cfg.precision == "bf16" and cfg.num_gpus == workers["maxReplicas"]
+    assert cfg.precision.name == "bf16" and cfg.num_gpus == workers["maxReplicas"]
     assert cfg.checkpoint.startswith("/checkpoints/") and cfg.metrics_linger_s > 10
 
 

@@ -54,6 +54,20 @@ def wait_for(condition, timeout: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def signal_when(run: subprocess.Popen, sig: int, ready) -> tuple[str, float]:
+    """Once ready() returns, send `sig` to the run; (its stderr, seconds from the signal to its end).
+    Whatever happens, nothing of the run is left behind."""
+    try:
+        ready()
+        sent = time.time()
+        run.send_signal(sig)
+        _, stderr = run.communicate(timeout=120)
+        return stderr, time.time() - sent
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+
+
 def lease_released(out: Path) -> bool:
     newest = max((p for p in (out / "_lease").iterdir() if p.stem.isdigit()), key=lambda p: int(p.stem))
     return json.loads(newest.read_text())["released"]
@@ -72,18 +86,13 @@ def test_a_signal_stops_cleanly_and_the_rerun_completes_the_folder(inputs, tmp_p
     run = subprocess.Popen([sys.executable, "pipelines/encode_dataset.py", "--input", inputs, "--output", str(out),
                             *ARGS, "--progress-every-s", "1", "--ray-address", "local"], cwd=ROOT, env=env,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        # a shard committed, then the device stalls: the actor's calls (a unit, then its shard's end
-        # row, each shard; at most 3 at once) after the 4th wait, so at least one shard completes first
-        wait_for(lambda: (out / "_shards" / "_delta_log" / f"{1:020d}.json").exists(), 240, "a committed shard")
-        sent = time.time()
-        run.send_signal(sig)
-        stdout, stderr = run.communicate(timeout=120)
-    finally:
-        if run.poll() is None:
-            os.killpg(run.pid, signal.SIGKILL)
+    # a shard committed, then the device stalls: the actor's calls (a unit, then its shard's end
+    # row, each shard; at most 3 at once) after the 4th wait, so at least one shard completes first
+    stderr, seconds = signal_when(
+        run, sig, lambda: wait_for(lambda: (out / "_shards" / "_delta_log" / f"{1:020d}.json").exists(), 240,
+                                   "a committed shard"))
     assert run.returncode == 128 + sig, stderr[-3000:]  # 143, 130
-    assert time.time() - sent < 45  # the 30 s grace, and Ray stopping
+    assert seconds < 45  # the 30 s grace, and Ray stopping
     assert f"[stop] {sig.name}" in stderr and f"stopped by {sig.name}" in stderr and "Traceback" not in stderr
     record = json.loads(next((out / "_runs").iterdir()).read_text())
     done = record["shards_done"]
@@ -110,19 +119,15 @@ def test_a_signal_during_start_up_is_a_clean_stop(inputs, tmp_path, sig, delay_s
     run = subprocess.Popen([sys.executable, "pipelines/encode_dataset.py", "--input", inputs, "--output", str(out),
                             *ARGS, "--ray-address", "local"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
+
+    def after_the_plan_line():
         line = run.stdout.readline()
         while line and not line.startswith("[plan] "):
             line = run.stdout.readline()
         time.sleep(delay_s)
-        sent = time.time()
-        run.send_signal(sig)
-        stdout, stderr = run.communicate(timeout=120)
-    finally:
-        if run.poll() is None:
-            os.killpg(run.pid, signal.SIGKILL)
+    stderr, seconds = signal_when(run, sig, after_the_plan_line)
     assert run.returncode == 128 + sig, stderr[-3000:]
-    assert time.time() - sent < 60 and "Traceback" not in stderr and f"stopped by {sig.name}" in stderr, stderr
+    assert seconds < 60 and "Traceback" not in stderr and f"stopped by {sig.name}" in stderr, stderr
     assert lease_released(out) and not shard_ids(out)  # (planning made the empty tables)
     wait_for(lambda: not _group_alive(run.pid), 30, "Ray's processes to stop")
     summary = run_job(load_config(["--input", inputs, "--output", str(out), *ARGS, "--progress-every-s", "1000"]))
@@ -145,6 +150,16 @@ def test_a_run_that_makes_no_progress_still_says_so(capsys):
         wait_for(lambda: "waiting for the first shard" in capsys.readouterr().out, 10, "a progress line")
         totals.shards_ingested = 1
         wait_for(lambda: "waiting for the first encoder results" in capsys.readouterr().out, 10, "a progress line")
+
+
+def test_a_progress_line_says_how_many_finished_shards_failed():
+    """A full disk fails shards after their clips were encoded: the line says so, not just 4/4."""
+    from encoder_service.job.driver import Totals
+    from encoder_service.job.progress import Progress
+    totals = Totals(failed={"a": "disk full", "b": "disk full", "c": "disk full"}, clips_encoded=352)
+    totals.committed.shards = 1
+    line = Progress(4, every_s=10, terminal=False).line(totals)
+    assert line.startswith("[encode] 4/4 shards (1 committed, 3 failed), 352 clips encoded"), line
 
 
 STOPPER = """

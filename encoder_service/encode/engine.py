@@ -94,7 +94,7 @@ class LatentEncoder:
             raise ValueError("compile and cuda_graphs are one or the other")
         self.precision = options.precision(precision)
         self.chunk_frames = chunk_frames
-        self.compiled, self.compile_seconds, self._shapes = compile, 0.0, set()
+        self.compiled, self.compile_seconds, self._shapes, self._auto = compile, 0.0, set(), {}
         self._moments = torch.compile(self._model, **COMPILE_OPTIONS) if compile else self._model
         if compile:  # one compiled graph per bucket shape: more than dynamo's default of 8 may be in use
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
@@ -128,11 +128,15 @@ class LatentEncoder:
         return self.vae.config
 
     def chunk_for(self, shape) -> int | None:
-        """Frames per chunk for a batch of (B, T, H, W, 3) clips; None = the whole clip at once."""
+        """Frames per chunk for a batch of (B, T, H, W, 3) clips; None = the whole clip at once.
+        "auto" is decided once per batch shape (from the free memory then): the same shape always
+        runs the same chunking, so a compiled graph or a CUDA graph made for it is used again."""
         b, t, h, w = shape[:4]
         chunk = self.chunk_frames
         if chunk == "auto":
-            chunk = auto_chunk_frames(self.device, b * h * w, self.precision.compute)
+            if (b, h, w) not in self._auto:
+                self._auto[b, h, w] = auto_chunk_frames(self.device, b * h * w, self.precision.compute)
+            chunk = self._auto[b, h, w]
         return chunk if chunk and t > chunk + 1 else None
 
     @torch.no_grad()

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from encoder_service import options
 from encoder_service.records import Clip, StageRow, Unit
 
 MAX_UNIT_FRAME_BYTES = 1 << 30   # frames one unit (one Ray object, one encoder call) may hold
@@ -25,7 +24,7 @@ class UnitPlan:
 
     @classmethod
     def for_job(cls, cfg, latent_dim: int) -> "UnitPlan":
-        value_bytes = options.precision(cfg.precision).storage_bytes
+        value_bytes = cfg.precision.storage_bytes
         return cls(latent_dim, value_bytes, 2 if cfg.store_logvar else 1, int(cfg.file_mb * (1 << 20)))
 
     def latent_bytes(self, shape) -> int:

@@ -68,8 +68,8 @@ class JobConfig:
                              "frame)", _number(int, 64, 2 ** 31, "max pixels"))
     decoder: str = option("pyav", "pyav | decord (both give the same pixels)",
                           options.choice(options.DECODERS, "decoder"))
-    precision: str = option("bf16", "bf16 | fp32 (TF32 off) | tf32", options.choice(tuple(options.PRECISIONS),
-                                                                                      "precision"))
+    precision: options.Precision = option(options.PRECISIONS["bf16"], "bf16 | fp32 (TF32 off) | tf32",
+                                          options.precision)
     store_logvar: bool = option(True, "store the posterior log-variance too")
     batch_size: int = option(4, "clips per encoder call", _number(int, 1, 1024, "batch size"))
     chunk_frames: int | str | None = option("auto", "frames per causal-cache chunk inside the encoder (bounds GPU "
@@ -179,7 +179,7 @@ class JobConfig:
                 **({"spans_field": self.spans_field, "captions_field": self.captions_field}
                    if self.clips_per_video.kind == "spans" else {}),
                 "seed": self.seed, "min_duration": self.min_duration, "max_pixels": self.max_pixels,
-                "decoder": self.decoder, "precision": options.precision(self.precision).label,
+                "decoder": self.decoder, "precision": self.precision.label,
                 "store_logvar": self.store_logvar,
                 **({"text_encoder": {"sha256": text_sha256, "max_length": self.text_max_length,
                                      "precision": self.text_precision}} if self.text_encoder else {})}
@@ -202,6 +202,8 @@ def to_json(cfg: JobConfig) -> dict:
             value = [f"{k}={v}" for k, v in value]
         elif isinstance(value, options.ClipMode):
             value = str(value)
+        elif isinstance(value, options.Precision):
+            value = value.name
         out[f.name] = value
     return out
 
@@ -236,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _shown(value) -> str:
     if isinstance(value, tuple) and all(isinstance(v, int) for v in value):
         return options.format_dims(value)
+    if isinstance(value, options.Precision):
+        return value.name
     return str(value) if value not in ([], None) else "none"
 
 

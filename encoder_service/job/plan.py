@@ -26,7 +26,6 @@ from encoder_service.ingest.tar_stream import shard_id_of
 from encoder_service.job.config import PIPELINE_VERSION, JobConfig, fingerprint
 from encoder_service.model.checkpoint import CheckpointError, sha256_file
 from encoder_service.model.wfvae import check_weights_fit, resolve_checkpoint
-from encoder_service.options import precision
 from encoder_service.records import FolderTotals, InputIdentity, RunMeta, ShardRecord
 from encoder_service.storage import StorageOptions, filesystem, is_local, scrub, sha256_of
 from encoder_service.table import totals
@@ -132,7 +131,7 @@ def model_identity(cfg: JobConfig):
         raise JobError(f"--checkpoint: {exc}{hint}") from None
     digest = sha256_file(weights)
     meta = RunMeta(vae_name=model.name if model.name != "custom" else Path(cfg.checkpoint).name, vae_sha256=digest,
-                   precision=precision(cfg.precision).label, pipeline_version=PIPELINE_VERSION,
+                   precision=cfg.precision.label, pipeline_version=PIPELINE_VERSION,
                    scale=list(model.scale), shift=list(model.shift))
     return model, digest, meta
 

@@ -43,25 +43,15 @@ class Progress:
             print(self.line(t), flush=True)
             self.last_print = time.time()
 
-    @contextlib.contextmanager
     def heartbeat(self, totals):
         """While the run waits for results, a line still comes every `every_s` (without a terminal),
         saying what it waits for: a run that makes no progress is seen to make none."""
-        done = threading.Event()
-
         def beat():
-            while not done.wait(self.every_s):
-                if self.bar is None and time.time() - self.last_print >= self.every_s:
-                    t = totals()
-                    print(f"{self.line(t)}; waiting for {self.waiting_for(t)}", flush=True)
-                    self.last_print = time.time()
-
-        thread = threading.Thread(target=beat, name="wfvae-progress", daemon=True)
-        thread.start()
-        try:
-            yield
-        finally:
-            done.set()
+            if self.bar is None and time.time() - self.last_print >= self.every_s:
+                t = totals()
+                print(f"{self.line(t)}; waiting for {self.waiting_for(t)}", flush=True)
+                self.last_print = time.time()
+        return every(self.every_s, beat, "wfvae-progress")
 
     def waiting_for(self, t: Totals) -> str:
         if not t.shards_ingested and not t.clips_encoded:
@@ -74,7 +64,8 @@ class Progress:
         elapsed = max(1e-9, time.time() - self.started)
         eta = self.eta_s(t)
         finished = t.committed.shards + len(t.failed)
-        return (f"[encode] {finished}/{self.total_shards} shards, {t.clips_encoded} clips encoded, "
+        failed = f" ({t.committed.shards} committed, {len(t.failed)} failed)" if t.failed else ""
+        return (f"[encode] {finished}/{self.total_shards} shards{failed}, {t.clips_encoded} clips encoded, "
                 f"{sum(t.committed.ledger_reasons.values())} errors, {t.clips_encoded / elapsed:.2f} clips/s, "
                 f"ETA {'0s' if finished == self.total_shards else ('unknown' if eta is None else f'{eta:.0f}s')}")
 
@@ -94,24 +85,31 @@ class Progress:
         print(self.line(t), flush=True)
 
 
-@contextlib.contextmanager
-def planning_heartbeat(cfg, every_s: float | None = None):
+def planning_heartbeat(cfg):
     """While planning talks to the stores (before Ray starts), a line every --progress-every-s saying
     what it waits for and the most it can take: a store that accepts connections and never answers
     shows as waiting, never as silence."""
-    every_s = cfg.progress_every_s if every_s is None else every_s
     per_request = cfg.store_attempts * (cfg.store_connect_timeout_s + cfg.store_read_timeout_s)
-    done, started = threading.Event(), time.time()
+    started = time.time()
 
     def beat():
-        while not done.wait(every_s):
-            print(scrub(f"[plan] waiting for --output {cfg.output} and the inputs after "
-                        f"{time.time() - started:.0f}s (each request gives up within {per_request:g}s: "
-                        f"{cfg.store_attempts} attempts x ({cfg.store_connect_timeout_s:g}s connect + "
-                        f"{cfg.store_read_timeout_s:g}s read); --store-* options)"), flush=True)
+        print(scrub(f"[plan] waiting for --output {cfg.output} and the inputs after "
+                    f"{time.time() - started:.0f}s (each request gives up within {per_request:g}s: "
+                    f"{cfg.store_attempts} attempts x ({cfg.store_connect_timeout_s:g}s connect + "
+                    f"{cfg.store_read_timeout_s:g}s read); --store-* options)"), flush=True)
+    return every(cfg.progress_every_s, beat, "wfvae-planning")
 
-    thread = threading.Thread(target=beat, name="wfvae-planning", daemon=True)
-    thread.start()
+
+@contextlib.contextmanager
+def every(seconds: float, beat, name: str):
+    """For the block, beat() every `seconds` in a daemon thread."""
+    done = threading.Event()
+
+    def loop():
+        while not done.wait(seconds):
+            beat()
+
+    threading.Thread(target=loop, name=name, daemon=True).start()
     try:
         yield
     finally:

@@ -31,7 +31,7 @@ from encoder_service.job.stages import EncoderSpec, EncodeUnits
 from encoder_service.job.stop import Interrupted, StopSignals
 from encoder_service.job.summary import folder_after_run, write_records
 from encoder_service.model.wfvae import resolve_checkpoint
-from encoder_service.records import StageRow, from_table
+from encoder_service.records import RunRecord, StageRow, from_table
 from encoder_service.storage import scrub
 
 
@@ -187,10 +187,10 @@ def _run(cfg: JobConfig, plan: Plan, stop: StopSignals, started: float) -> dict:
     failed = {**driver.totals.failed, **({} if interrupted else driver.unfinished())}
     progress.close(driver.totals)
     folder = folder_after_run(plan, driver.totals.committed, driver.committed)
-    record = {**_run_record(cfg, plan, driver.totals, failed, started), "quality": driver.quality(),
-              "interrupted": interrupted is not None,
-              "shards_left_for_next_run": len(plan.todo) - driver.totals.committed.shards - len(failed),
-              "table": _finish_table(plan, cfg, interrupted is None)}
+    record = _run_record(cfg, plan, driver.totals, failed, started, quality=driver.quality(),
+                         interrupted=interrupted is not None,
+                         shards_left_for_next_run=len(plan.todo) - driver.totals.committed.shards - len(failed),
+                         table=_finish_table(plan, cfg, interrupted is None))
     write_records(plan.folder, folder, record)
     plan.folder.remove_temporaries()
     print("[summary] " + scrub(json.dumps({k: record[k] for k in ("shards_done", "shards_skipped", "shards_failed",
@@ -258,7 +258,7 @@ def _root_cause(exc: BaseException) -> str:
 _ERROR_LINE = re.compile(r"(?m)^\s*((?:\w+\.)*)(\w+(?:Error|Exception)): (\S.*)$")
 
 
-def _run_record(cfg: JobConfig, plan: Plan, t: Totals, failed: dict, started: float) -> dict:
+def _run_record(cfg: JobConfig, plan: Plan, t: Totals, failed: dict, started: float, **end) -> dict:
     """clips_per_s counts from the job's start (planning and Ray's start-up included: what a night
     costs); clips_per_s_encoding from the first encoder result; startup_seconds is the time between."""
     now = time.time()
@@ -271,18 +271,16 @@ def _run_record(cfg: JobConfig, plan: Plan, t: Totals, failed: dict, started: fl
     busy = None
     if t.first_result is not None:
         busy = round(min(1.0, t.encode_seconds / (cfg.actors() * max(1e-9, time.time() - t.first_result))), 3)
-    return {"inputs": plan.inputs, "shards_done": done.shards, "shards_skipped": plan.skipped,
-            "shards_by_reason": dict(sorted(plan.why.items())),
-            "shards_failed": len(failed), "failed_shards": dict(sorted(failed.items())), "clips": done.clips,
-            "latents": done.latents, "errors": sum(done.ledger_reasons.values()),
-            "errors_by_reason": dict(sorted(done.ledger_reasons.items())),
-            "seconds": round(elapsed, 2), **rates,
-            "encoder_busy_fraction": busy, "compile_seconds": round(t.compile_seconds, 2),
-            "text_seconds_per_clip": (round(t.text_seconds / done.latents, 5) if cfg.text_encoder and done.latents
-                                      else None),
-            "captions_missing": t.captions_missing,
-            "driver_bytes_received": t.driver_bytes,
-            "settings": plan.settings, "run": dataclasses.asdict(plan.run_meta), "config": to_json(cfg)}
+    return dataclasses.asdict(RunRecord(
+        inputs=plan.inputs, shards_done=done.shards, shards_skipped=plan.skipped,
+        shards_by_reason=dict(sorted(plan.why.items())), shards_failed=len(failed),
+        failed_shards=dict(sorted(failed.items())), clips=done.clips, latents=done.latents,
+        errors=sum(done.ledger_reasons.values()), errors_by_reason=dict(sorted(done.ledger_reasons.items())),
+        seconds=round(elapsed, 2), **rates, encoder_busy_fraction=busy, compile_seconds=round(t.compile_seconds, 2),
+        text_seconds_per_clip=(round(t.text_seconds / done.latents, 5) if cfg.text_encoder and done.latents
+                               else None),
+        captions_missing=t.captions_missing, driver_bytes_received=t.driver_bytes, settings=plan.settings,
+        run=dataclasses.asdict(plan.run_meta), config=to_json(cfg), **end))
 
 
 __all__ = ["JobFailed", "run_job"]

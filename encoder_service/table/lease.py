@@ -62,6 +62,34 @@ class Holder:
         return f"host {self.host}, pid {self.pid}{job}, started {_utc(self.started)}"
 
 
+@dataclass(frozen=True)
+class LeaseRecord:
+    """One generation file, `_lease/<generation>.json`, as stored."""
+    holder: Holder | None       # None: a generation released and removed between listing and reading
+    renewed: float              # the holder's clock at its last renewal
+    ttl_s: float
+    released: bool
+    generation: int
+
+    def to_json(self) -> bytes:
+        return json.dumps({**asdict(self), "holder": asdict(self.holder) if self.holder else None}).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes, generation: int) -> "LeaseRecord":
+        """Raises ValueError, TypeError or KeyError for what is not a lease record."""
+        raw = json.loads(data)
+        if not isinstance(raw, dict):
+            raise TypeError("not an object")
+        return cls(Holder(**raw["holder"]), float(raw["renewed"]), float(raw["ttl_s"]), bool(raw["released"]),
+                   int(raw.get("generation", generation)))
+
+    def live(self) -> bool:
+        """Held: not released, renewed within its ttl, and not by a process of this host that is gone."""
+        if self.released or self.holder is None or time.time() >= self.renewed + self.ttl_s:
+            return False
+        return not self.holder.gone()
+
+
 def _ray_submission_id() -> str | None:
     """The `ray job submit` id of this driver: Ray hands the job's metadata to the entrypoint."""
     try:
@@ -98,11 +126,10 @@ class Lease:
             if breaking is not None and (not newest or newest[-1] != breaking):
                 raise LeaseError(f"--break-lease {breaking}: the folder's lease is at generation "
                                  f"{newest[-1] if newest else 'none'}, not {breaking}; nothing was broken")
-            if current is not None and _live(current) and newest[-1] != breaking:
-                holder = Holder(**current["holder"]).describe()
-                raise LeaseError(f"--output {folder.url} is in use by another run ({holder}; "
-                                 f"lease generation {newest[-1]} renewed {_utc(current['renewed'])}, expires after "
-                                 f"{current['ttl_s']:.0f} s without renewal); one run per output folder at a time. "
+            if current is not None and current.live() and newest[-1] != breaking:
+                raise LeaseError(f"--output {folder.url} is in use by another run ({current.holder.describe()}; "
+                                 f"lease generation {newest[-1]} renewed {_utc(current.renewed)}, expires after "
+                                 f"{current.ttl_s:.0f} s without renewal); one run per output folder at a time. "
                                  f"If that run is gone, pass --break-lease {newest[-1]}")
             generation = (newest[-1] if newest else 0) + 1
             lease = cls(folder, generation, holder, ttl_s)
@@ -113,11 +140,11 @@ class Lease:
                                  "absent, so two runs on one folder could not be kept apart; use a local folder "
                                  "or s3://") from None
             if created:
-                if current is not None and not current["released"]:
+                if current is not None and not current.released and current.holder is not None:
                     why = ("broken by --break-lease" if newest[-1] == breaking else "its process is gone"
-                           if Holder(**current["holder"]).gone() else "it stopped renewing its lease")
-                    print(f"[lease] took over {folder.url} from a run ({Holder(**current['holder']).describe()}): "
-                          f"{why}", flush=True)
+                           if current.holder.gone() else "it stopped renewing its lease")
+                    print(f"[lease] took over {folder.url} from a run ({current.holder.describe()}): {why}",
+                          flush=True)
                 lease._remove_older(newest)
                 return lease
         raise LeaseError(f"--output {folder.root}: other runs keep taking the folder's lease; try again")
@@ -126,8 +153,7 @@ class Lease:
         return self.folder.path(layout.LEASE, f"{generation:012d}.json")
 
     def _record(self, released: bool = False) -> bytes:
-        return json.dumps({"holder": asdict(self.holder), "renewed": time.time(), "ttl_s": self.ttl_s,
-                           "released": released, "generation": self.generation}).encode()
+        return LeaseRecord(self.holder, time.time(), self.ttl_s, released, self.generation).to_json()
 
     def _remove_older(self, generations: list[int]) -> None:
         try:
@@ -177,13 +203,6 @@ class Lease:
             pass  # a read-only folder: the next run on this host sees this process gone and takes over
 
 
-def _live(current: dict) -> bool:
-    """Held: not released, renewed within its ttl, and not by a process of this host that is gone."""
-    if current["released"] or time.time() >= current["renewed"] + current["ttl_s"]:
-        return False
-    return not Holder(**current["holder"]).gone()
-
-
 def _generations(folder) -> list[int]:
     found = []
     for entry in list_prefix(folder.fs, folder.path(layout.LEASE)):
@@ -198,17 +217,12 @@ def _generations(folder) -> list[int]:
     return sorted(found)
 
 
-def _read(folder, generation: int) -> dict:
+def _read(folder, generation: int) -> LeaseRecord:
     path = folder.path(layout.LEASE, f"{generation:012d}.json")
     try:
-        data = json.loads(retry(lambda: folder.fs.cat_file(path)))
-        if not isinstance(data, dict):
-            raise TypeError("not an object")
-        Holder(**data["holder"])
-        float(data["renewed"]), float(data["ttl_s"]), bool(data["released"])
+        return LeaseRecord.from_json(retry(lambda: folder.fs.cat_file(path)), generation)
     except FileNotFoundError:  # released and cleaned between the listing and the read: free
-        return {"released": True, "holder": {}, "renewed": 0, "ttl_s": 0}
+        return LeaseRecord(None, 0.0, 0.0, True, generation)
     except (ValueError, TypeError, KeyError) as exc:
         raise LeaseError(f"--output {folder.root}: {path} is not a lease of this service ({type(exc).__name__}); if no "
                          "run is using the folder, delete it") from None
-    return data
