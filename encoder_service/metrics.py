@@ -111,26 +111,26 @@ def set_gauge(name: str, value: float, **tags) -> None:
 
 
 def sample_device_utilization(device, every_s: float = 1.0) -> threading.Thread | None:
-    """On CUDA, a daemon thread setting wfvae_device_utilization from NVML every `every_s` (NVML's
-    own figure: the share of its last sample period in which a kernel ran, so launch gaps count as
-    idle, unlike CUDA events around a call). None off CUDA or without NVML."""
+    """On CUDA, a daemon thread setting wfvae_device_utilization every `every_s` from NVML, through
+    torch.cuda.utilization (nvidia-ml-py; it maps the CUDA index to NVML's, CUDA_VISIBLE_DEVICES
+    included). NVML's own figure is the share of its last sample period in which a kernel ran, so
+    launch gaps count as idle, unlike CUDA events around a call. None off CUDA or without NVML."""
     if getattr(device, "type", str(device)) != "cuda":
         return None
+    import torch
     try:
-        import pynvml
-        import torch
-        pynvml.nvmlInit()
-        index = torch.cuda.current_device() if device.index is None else device.index
-        bus_id = torch.cuda.get_device_properties(index).pci_bus_id  # NVML's order may differ from CUDA's
-        handle = pynvml.nvmlDeviceGetHandleByPciBusId(bus_id)
+        torch.cuda.utilization(device)
     except Exception as exc:  # no NVML (a driver without it): the busy ratio is all there is
-        print(f"[encoder] no NVML device utilization: {exc}", flush=True)
+        print(f"[encoder] no NVML device utilization: {type(exc).__name__}: {exc}", flush=True)
         return None
 
     def sample():
         while True:
-            set_gauge("wfvae_device_utilization", pynvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100,
-                      device=str(device))
+            try:
+                set_gauge("wfvae_device_utilization", torch.cuda.utilization(device) / 100, device=str(device))
+            except Exception as exc:  # NVML gone (a driver reset): stop sampling, say so once
+                print(f"[encoder] NVML sampling stopped: {type(exc).__name__}: {exc}", flush=True)
+                return
             time.sleep(every_s)
     thread = threading.Thread(target=sample, name="nvml-utilization", daemon=True)
     thread.start()

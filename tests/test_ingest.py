@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from hostile import hostile_shard
 
+from encoder_service import options
 from encoder_service.ingest.clips import IngestConfig, IngestedClip, ShardUnavailable, ingest_shard
 from encoder_service.ingest.decoders import get_decoder, probe
 from encoder_service.ingest.geometry import plan_geometry
@@ -299,3 +300,41 @@ def test_streaming_a_200mb_member_stays_small(tmp_path, media):
     assert [c.clip.source_key for c in clips] == ["ok"] and errors[0].reason == "corrupt"
     assert py_peak < 16 << 20, f"python allocations peaked at {py_peak >> 20} MiB"
     assert rss_growth < 64 << 20, f"RSS grew by {rss_growth >> 20} MiB for a 200 MiB member"
+
+
+ROTATED_DIGEST = """
+import hashlib, sys
+from encoder_service import options
+from encoder_service.ingest.clips import IngestConfig, IngestedClip, ingest_shard
+from encoder_service.ingest.sampling import SamplingConfig
+
+def digest(url, threads):
+    cfg = IngestConfig(SamplingConfig(num_frames=9, size=(40, 24), clips=options.clip_mode("all")), "pyav",
+                       threads=threads)
+    items = sorted((i for i in ingest_shard(url, cfg) if isinstance(i, IngestedClip)), key=lambda i: i.clip.key)
+    return hashlib.sha256(b"".join(i.frames.tobytes() for i in items)).hexdigest() + f" {len(items)}"
+
+if __name__ == "__main__":
+    print(digest(sys.argv[1], int(sys.argv[2])))
+"""
+
+
+def test_rotated_streams_decode_to_the_same_bytes_in_any_process_state(tmp_path):
+    """Rotated streams of several sizes (odd strides after the rotation) decoded in fresh
+    interpreters with one and four threads, and in this process after other decoding and torch
+    work: the same bytes each time (a redone shard must be byte-identical)."""
+    import subprocess
+    import sys
+
+    import torch
+    samples = [(f"v{i}", {"mp4": write_video(tmp_path / f"p{i}.mp4", frames=20, h=48 + 8 * i, w=64 + 8 * i,
+                                             rotation=rot).read_bytes()})
+               for i, rot in enumerate([90, 270, 180, 90, 0])]
+    url = str(write_tar(tmp_path / "s.tar", samples))
+    fresh = {subprocess.run([sys.executable, "-c", ROTATED_DIGEST, url, str(threads)], capture_output=True,
+                            text=True, check=True).stdout.strip() for threads in (1, 4)}
+    torch.randn(256, 256) @ torch.randn(256, 256)
+    run(url, size=(56, 40), clips=options.clip_mode("all"))  # other sizes first, in this process
+    here = {"__name__": "rotated_digest"}
+    exec(ROTATED_DIGEST, here)  # (not __main__: defines digest only)
+    assert len(fresh) == 1 and fresh == {here["digest"](url, 2)}, fresh
