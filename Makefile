@@ -38,6 +38,7 @@ bench: setup
 	$(BIN)/python -m benchmarks.bench_pipeline
 	$(BIN)/python -m benchmarks.bench_reader
 	$(BIN)/python -m benchmarks.bench_text
+	$(BIN)/python -m benchmarks.bench_dryrun
 	$(BIN)/python -m benchmarks.bench_chunk_memory
 	$(BIN)/python -m benchmarks.bench_bytes
 	$(BIN)/python -m benchmarks.bench_kernels --device cpu --frames 9 --size 64 --channels 32

@@ -157,6 +157,7 @@ class UnitResult:
     compile_seconds: float = 0.0  # torch.compile of new shapes during this unit (--compile)
     text_seconds: float = 0.0     # the text encoder's time on this unit's captions (--text-encoder)
     captions_missing: int = 0     # latent rows without a caption (no text embedding)
+    started_at: float | None = None  # wall clock (epoch s) as the unit's first model call began
 
 
 @dataclass(frozen=True)
@@ -235,8 +236,8 @@ class RunRecord:
     errors_by_reason: dict                # "stage/reason" -> rows
     seconds: float                        # from the job's start (planning and Ray's start-up included)
     clips_per_s: float                    # latents / seconds
-    clips_per_s_encoding: float | None    # from the first encoder result
-    startup_seconds: float | None         # the job's start to the first encoder result
+    clips_per_s_encoding: float | None    # from the first model call of any unit
+    startup_seconds: float | None         # the job's start to the first model call
     encoder_busy_fraction: float | None   # device seconds / (actors x seconds since the first result)
     compile_seconds: float
     text_seconds_per_clip: float | None

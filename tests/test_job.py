@@ -229,6 +229,24 @@ def test_dry_run(shards, capsys):
     assert report["clips"] == 10 and report["projected_clips"] == 3 * CLIPS_PER_SHARD  # (was 30)
 
 
+def test_the_dry_run_projects_the_rate_a_run_measures(tmp_path):
+    """Demo settings (the bundled checkpoint, 17x64x64 clips, QA on half of them) on 8 demo shards of
+    8 videos (112 clips): the dry run's "this machine" rate and the run record's clips_per_s_encoding
+    (from the first model call to the last commit) measure the same thing: the same clips, and rates
+    of one size (0.5-2x here; before, 2.5-3.3x apart). How close they are is measured, not asserted:
+    benchmarks/bench_dryrun.py (results/dryrun_cpu.json: median 1.11 on this 2-core machine)."""
+    from encoder_service.job.demo import demo_arguments, make_demo_shards
+    from encoder_service.job.dryrun import dry_run
+    pattern = make_demo_shards(tmp_path / "output" / "input", shards=8, videos_per_shard=8)
+    args = demo_arguments(tmp_path / "output")
+    args[args.index("--input") + 1] = pattern
+    report = dry_run(load_config([*args, "--dry-run", "112"]))
+    record = run_job(load_config(args))
+    assert report["clips"] == record["latents"] == 112 and report["projected_clips"] == 112
+    ratio = report["projected_clips_per_s_here"] / record["clips_per_s_encoding"]
+    assert 0.5 <= ratio <= 2.0, (report, {k: record[k] for k in ("clips_per_s_encoding", "startup_seconds")})
+
+
 def test_a_group_commit_cut_off_between_its_two_commits_is_redone(clean_run, shards, tmp_path):
     """A run killed after the latents commit of shard-000002's group and before its shards-table
     commit: readers see its rows once; planning finds its files without a matching record and the

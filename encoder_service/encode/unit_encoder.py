@@ -51,6 +51,7 @@ class Timing:
     compile: float = 0.0      # torch.compile for a new shape (inside a model call; not counted in model)
     text: float = 0.0         # the text encoder on the unit's captions (beside the model; in finish)
     first_model: float | None = None   # perf_counter() as its first model call began ...
+    started_at: float | None = None    # ... and the wall clock then (comparable across processes)
     last_model: float | None = None    # ... and as its last one ended
 
 
@@ -94,7 +95,8 @@ class UnitEncoder:
             asked = time.perf_counter()
             with self.device:
                 got = time.perf_counter()
-                timing.first_model = timing.first_model or got
+                if timing.first_model is None:
+                    timing.first_model, timing.started_at = got, time.time()
                 batches.append((lo, self._timed_forward(x, timing)))
                 timing.last_model = time.perf_counter()
                 timing.critical += timing.last_model - got
@@ -145,7 +147,7 @@ class UnitEncoder:
         mean_stats, logvar_stats = channel_stats(sums)
         return UnitResult(unit.shard_id, unit.index, len(unit.clips), file, ledger, timing.model,
                           mean_stats=mean_stats, logvar_stats=logvar_stats, compile_seconds=timing.compile,
-                          text_seconds=timing.text, captions_missing=missing), good
+                          text_seconds=timing.text, captions_missing=missing, started_at=timing.started_at), good
 
     def _with_text(self, rows: list[LatentRow], timing: Timing) -> tuple[list[LatentRow], int]:
         """Rows with their captions' text embeddings (each distinct caption encoded once), and how

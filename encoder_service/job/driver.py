@@ -52,6 +52,7 @@ class Totals:
     text_seconds: float = 0.0                             # the text encoder, all actors (--text-encoder)
     captions_missing: int = 0                             # latent rows without a caption
     first_result: float | None = None
+    first_encode: float | None = None                     # the earliest unit's first model call (epoch s)
     driver_bytes: int = 0                                 # Arrow bytes the driver received
     clips_encoded: int = 0                                # as units come back, before their shard commits
     shards_ingested: int = 0                              # end rows seen ...
@@ -99,6 +100,8 @@ class Driver:
             t.captions_missing += row.result.captions_missing
             t.clips_encoded += row.result.clips - len(row.result.ledger)
             t.first_result = t.first_result or time.time()
+            if row.result.started_at is not None:
+                t.first_encode = min(t.first_encode or row.result.started_at, row.result.started_at)
         if state.finished():
             self._finish(sid, self.states.pop(sid))
 

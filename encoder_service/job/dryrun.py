@@ -4,16 +4,20 @@ Decoding runs exactly as an ingest task does (encoder_service.ingest, one decode
 --ingest-cpus), so "decode frames/s per CPU" is the figure to provision ingest CPUs by; the clips
 are then encoded through the encoder actor's own unit path (encode/unit_encoder.py: model calls,
 statistics, rows, a zstd Parquet file and its checksum, into a temporary folder), so the encode
-rate includes the host work an actor does per unit. The projection counts only shards read to
-their end."""
+rate includes the host work an actor does per unit, UNITS_IN_FLIGHT units at once as in the actor.
+The projection counts only shards read to their end; "this machine ... clips/s" is what the run
+record's clips_per_s_encoding measures (from the first model call), for one encoder here."""
+import os
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
 from encoder_service.encode.engine import LatentEncoder
-from encoder_service.encode.unit_encoder import UnitEncoder
+from encoder_service.encode.qa import QualityCheck
+from encoder_service.encode.unit_encoder import UNITS_IN_FLIGHT, UnitEncoder
 from encoder_service.ingest.clips import IngestConfig, IngestedClip, ingest_shard
 from encoder_service.ingest.inputs import expand_inputs
 from encoder_service.ingest.units import UnitBuilder, UnitPlan
@@ -28,7 +32,8 @@ def dry_run(cfg: JobConfig) -> dict:
     urls = expand_inputs(cfg.input, storage)
     model, _, _ = model_identity(cfg)
     ingest = IngestConfig(cfg.sampling(), cfg.decoder, storage, threads=max(1, round(cfg.ingest_cpus)))
-    clips, errors, whole_shards, whole_clips, start = [], 0, 0, 0, time.perf_counter()
+    clips, errors, whole_shards, whole_clips = [], 0, 0, 0
+    start, cpu = time.perf_counter(), time.process_time()
     for url in urls:
         for item in ingest_shard(url, ingest):
             if isinstance(item, IngestedClip):
@@ -41,29 +46,64 @@ def dry_run(cfg: JobConfig) -> dict:
             whole_shards, whole_clips = whole_shards + 1, len(clips)
             continue
         break
-    decode_s = time.perf_counter() - start
+    decode_s, decode_cpu_s = time.perf_counter() - start, time.process_time() - cpu
     if not clips:
         raise JobError(f"dry run: no usable clip in the input ({errors} ledger rows)")
-    encode_s = _encode(cfg, clips)
-    return report(cfg, urls, clips, decode_s, encode_s, whole_shards, whole_clips, model)
+    encode_s, encode_cpu_s = _encode(cfg, clips)
+    out = report(cfg, urls, clips, decode_s, encode_s, whole_shards, whole_clips, model)
+    out.update(here(cfg, len(clips), out, decode_cpu_s + encode_cpu_s))
+    return out
 
 
-def _encode(cfg: JobConfig, clips: list[IngestedClip]) -> float:
-    encoder = LatentEncoder.load(cfg.checkpoint, cfg.model_config, cfg.precision,
-                                 "cuda" if _on_gpu(cfg) else "cpu", cfg.chunk_frames)
-    builder = UnitBuilder("dry-run", UnitPlan.for_job(cfg, encoder.config.latent_dim))
-    units = [row.unit for item in clips for row in builder.add(item.clip, item.frames)] + \
-            [row.unit for row in builder.flush()]
-    first = np.frombuffer(units[0].frames, np.uint8).reshape(len(units[0].clips), *units[0].shape)
-    encoder.encode(first[:1])  # warm-up
+def _encode(cfg: JobConfig, clips: list[IngestedClip]) -> tuple[float, float]:
+    """Seconds to encode the clips as the encoder actor does: units per shard, UNITS_IN_FLIGHT of them
+    at once through UnitEncoder (model calls one at a time, the rest beside them, the QA sample
+    included), on a CPU encoder with the actor's --encoder-cpus threads: (wall, process CPU) seconds."""
+    on_gpu, threads = _on_gpu(cfg), torch.get_num_threads()
+    if not on_gpu:
+        torch.set_num_threads(max(1, round(cfg.encoder_cpus)))
+    try:
+        return _encode_units(cfg, clips, on_gpu)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _encode_units(cfg: JobConfig, clips: list[IngestedClip], on_gpu: bool) -> tuple[float, float]:
+    device = "cuda" if on_gpu else "cpu"
+    encoder = LatentEncoder.load(cfg.checkpoint, cfg.model_config, cfg.precision, device, cfg.chunk_frames,
+                                 cuda_graphs=cfg.cuda_graphs, compile=cfg.compile)
+    qa = QualityCheck(cfg.checkpoint, cfg.model_config, device, cfg.chunk_frames) if cfg.qa_fraction else None
+    plan, builders, units = UnitPlan.for_job(cfg, encoder.config.latent_dim), {}, []
+    for item in clips:
+        shard = item.clip.key.split("/")[0]
+        builder = builders.setdefault(shard, UnitBuilder(shard, plan))
+        units += [row.unit for row in builder.add(item.clip, item.frames)]
+    units += [row.unit for b in builders.values() for row in b.flush()]
+    frames = [np.frombuffer(u.frames, np.uint8).reshape(len(u.clips), *u.shape) for u in units]
+    encoder.encode(frames[0][:cfg.batch_size])  # warm-up, in the shape the timed calls have
     _, _, run_meta = model_identity(cfg)
     with tempfile.TemporaryDirectory(prefix="wfvae-dry-run-") as folder:
-        writer = UnitWriter(OutputFolder(folder), run_meta)
-        coder = UnitEncoder(encoder, writer, run_meta, cfg.batch_size, cfg.store_logvar)
-        start = time.perf_counter()
-        for unit in units:
-            coder.encode(unit, np.frombuffer(unit.frames, np.uint8).reshape(len(unit.clips), *unit.shape))
-        return time.perf_counter() - start
+        coder = UnitEncoder(encoder, UnitWriter(OutputFolder(folder), run_meta), run_meta, cfg.batch_size,
+                            cfg.store_logvar, qa, cfg.seed, cfg.qa_fraction)
+        start, cpu = time.perf_counter(), time.process_time()
+        with ThreadPoolExecutor(UNITS_IN_FLIGHT) as pool:
+            list(pool.map(coder.encode, units, frames))
+        return time.perf_counter() - start, time.process_time() - cpu
+
+
+def here(cfg: JobConfig, n: int, out: dict, cpu_s: float) -> dict:
+    """The rate one encoder on this machine reaches once running (what the run record's
+    clips_per_s_encoding measures): the least of the encoder's own rate, what the CPUs left to
+    ingest decode, and what the machine's cores can do when decoding and encoding share them."""
+    cores = os.cpu_count() or 1
+    ingest_cpus = max(1.0, cores - (0 if _on_gpu(cfg) else cfg.encoder_cpus))
+    bounds = {"encode": out["encode_clips_per_s_per_device"], "decode": out["decode_clips_per_s_per_cpu"] * ingest_cpus,
+              "cores": cores / (cpu_s / n)}
+    bound = min(bounds, key=bounds.get)
+    device = "GPU" if _on_gpu(cfg) else "CPU encoder"
+    print(f"[dry-run] this machine ({cores} cores, one {device}): ~{bounds[bound]:.2f} clips/s once running "
+          f"({bound}-bound; the run record's clips_per_s_encoding)")
+    return {"projected_clips_per_s_here": bounds[bound], "bound_here": bound, "cpu_seconds_per_clip": cpu_s / n}
 
 
 def _on_gpu(cfg: JobConfig) -> bool:

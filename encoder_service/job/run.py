@@ -184,10 +184,11 @@ def _run(cfg: JobConfig, plan: Plan, stop: StopSignals, started: float) -> dict:
         interrupted = exc
     finally:
         driver.close()  # the finished shards are committed (or the grace period ends the process)
+    ended = time.time()  # the last commit: the rates end here, before the tables are checkpointed
     failed = {**driver.totals.failed, **({} if interrupted else driver.unfinished())}
     progress.close(driver.totals)
     folder = folder_after_run(plan, driver.totals.committed, driver.committed)
-    record = _run_record(cfg, plan, driver.totals, failed, started, quality=driver.quality(),
+    record = _run_record(cfg, plan, driver.totals, failed, (started, ended), quality=driver.quality(),
                          interrupted=interrupted is not None,
                          shards_left_for_next_run=len(plan.todo) - driver.totals.committed.shards - len(failed),
                          table=_finish_table(plan, cfg, interrupted is None))
@@ -258,19 +259,21 @@ def _root_cause(exc: BaseException) -> str:
 _ERROR_LINE = re.compile(r"(?m)^\s*((?:\w+\.)*)(\w+(?:Error|Exception)): (\S.*)$")
 
 
-def _run_record(cfg: JobConfig, plan: Plan, t: Totals, failed: dict, started: float, **end) -> dict:
+def _run_record(cfg: JobConfig, plan: Plan, t: Totals, failed: dict, span: tuple[float, float], **end) -> dict:
     """clips_per_s counts from the job's start (planning and Ray's start-up included: what a night
-    costs); clips_per_s_encoding from the first encoder result; startup_seconds is the time between."""
-    now = time.time()
+    costs); clips_per_s_encoding from the first model call of any unit (the rate once encoding runs,
+    what --dry-run projects); startup_seconds is the time between. span: (the job's start, its last
+    commit)."""
+    started, now = span
     elapsed = now - started
-    first = t.first_result
+    first = t.first_encode or t.first_result
     done = t.committed
     rates = {"clips_per_s": round(done.latents / elapsed, 3) if elapsed else 0.0,
              "clips_per_s_encoding": round(done.latents / (now - first), 3) if first and now > first else None,
              "startup_seconds": round(first - started, 2) if first else None}
     busy = None
-    if t.first_result is not None:
-        busy = round(min(1.0, t.encode_seconds / (cfg.actors() * max(1e-9, time.time() - t.first_result))), 3)
+    if first is not None:
+        busy = round(min(1.0, t.encode_seconds / (cfg.actors() * max(1e-9, now - first))), 3)
     return dataclasses.asdict(RunRecord(
         inputs=plan.inputs, shards_done=done.shards, shards_skipped=plan.skipped,
         shards_by_reason=dict(sorted(plan.why.items())), shards_failed=len(failed),
