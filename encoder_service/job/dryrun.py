@@ -98,7 +98,7 @@ def here(cfg: JobConfig, n: int, out: dict, cpu_s: float) -> dict:
     cores = os.cpu_count() or 1
     ingest_cpus = max(1.0, cores - (0 if _on_gpu(cfg) else cfg.encoder_cpus))
     bounds = {"encode": out["encode_clips_per_s_per_device"], "decode": out["decode_clips_per_s_per_cpu"] * ingest_cpus,
-              "cores": cores / (cpu_s / n)}
+              "cores": cores * n / max(cpu_s, 1e-9)}
     bound = min(bounds, key=bounds.get)
     device = "GPU" if _on_gpu(cfg) else "CPU encoder"
     print(f"[dry-run] this machine ({cores} cores, one {device}): ~{bounds[bound]:.2f} clips/s once running "
