@@ -80,13 +80,14 @@ def entries_from_table(src: Path, path_column: str, caption_column: str | None, 
         if spans_column:
             spans = row.pop(spans_column)
             try:
-                entry.meta["clips"] = json.loads(spans) if isinstance(spans, str) else spans
+                spans = json.loads(spans) if isinstance(spans, str) else spans
             except ValueError:
                 spans = None
-            if not spans:
+            if not spans or not isinstance(spans, list):
                 packed.reported.append(f"{src} row {number} ({path}): its {spans_column} cell is empty or not "
                                        f"JSON [[start, end], ...]; not packed")
                 continue
+            entry.meta["clips"] = spans
         entry.meta.update({k: v for k, v in row.items() if v is not None})
         out.append(entry)
     return sorted(out, key=lambda e: e.key)

@@ -269,10 +269,12 @@ def test_pack_reports_bad_rows_and_odd_files_and_packs_the_rest(videos, tmp_path
     """An empty spans cell is that row's line; a dangling link and a FIFO are reported, never opened."""
     long = shutil.copy(videos["long"], tmp_path / "long.mp4")
     shutil.copy(videos["long"], tmp_path / "other.mp4")
+    shutil.copy(videos["long"], tmp_path / "third.mp4")
     table = tmp_path / "videos.csv"
-    table.write_text(f'path,clips\n{Path(long).name},"[[0, 2]]"\nother.mp4,\n')
+    table.write_text(f'path,clips\n{Path(long).name},"[[0, 2]]"\nother.mp4,\nthird.mp4,[]\n')
     run = pack(table, tmp_path / "out", "--spans-column", "clips")
-    assert run.returncode == 1 and "row 3 (" in run.stderr and "clips cell is empty" in run.stderr, run.stderr
+    assert run.returncode == 1 and "row 3 (" in run.stderr and "row 4 (" in run.stderr, run.stderr
+    assert run.stderr.count("clips cell is empty") == 2
     assert "packed 1 videos into 1 shards" in run.stdout and "Traceback" not in run.stderr
     src = tmp_path / "src"
     src.mkdir()
