@@ -4,11 +4,13 @@
            -> map_batches(EncodeUnits, actors)    one actor per GPU (or CPU actors), batch_size 1 (a unit)
            -> driver: small records per shard; commit when complete (job/driver.py)
 """
+import contextlib
 import copy
 import dataclasses
 import json
 import os
 import re
+import signal
 import sys
 import tempfile
 import time
@@ -84,7 +86,7 @@ def run_job(cfg: JobConfig) -> dict:
     stop = StopSignals(cfg.stop_grace_s, at_once=lambda: plan is not None and plan.lease.release())
     try:
         with stop:
-            with stop.waiting():  # start-up: a signal stops here, before any work
+            with stop.waiting(), sigterm_from_ray():  # start-up: a signal stops here, before any work
                 with planning_heartbeat(cfg):
                     plan = prepare(cfg)
                 print(plan.line(), flush=True)
@@ -93,7 +95,7 @@ def run_job(cfg: JobConfig) -> dict:
                     ray.init(address=cfg.ray_address, ignore_reinit_error=True, log_to_driver=True,
                              logging_level="ERROR")
                 logging_config = _quiet_ray_data_console()
-            stop.install()  # ray.init installs handlers of its own: ours again for the run
+                stop.install()  # ray.init installs a SIGTERM handler of its own: ours again for the run
             stop.check()    # a signal some library swallowed during start-up still stops the run
             record = _run(resolve_gpus(cfg), plan, stop, started)
         outcome = "interrupted" if record["interrupted"] else "failed" if record["shards_failed"] else "succeeded"
@@ -110,6 +112,19 @@ def run_job(cfg: JobConfig) -> dict:
             time.sleep(0 if outcome == "interrupted" or plan is None else cfg.metrics_linger_s)
         if started_ray:
             ray.shutdown()
+
+
+@contextlib.contextmanager
+def sigterm_from_ray():
+    """ray.init installs, first thing, a SIGTERM handler that raises SystemExit(15); a SIGTERM from
+    then until ours is back is the same clean stop as any other (exit 143, not 15)."""
+    try:
+        yield
+    except SystemExit as exc:
+        if exc.code != signal.SIGTERM:
+            raise
+        print("[stop] SIGTERM during Ray's start-up: stopping before any work", file=sys.stderr, flush=True)
+        raise Interrupted(signal.SIGTERM) from None
 
 
 def resolve_gpus(cfg: JobConfig) -> JobConfig:
