@@ -106,12 +106,23 @@ def test_hostile_shard_loses_nothing(tmp_path):
 
 @pytest.mark.parametrize("decoder", DECODERS)
 def test_frames_equal_an_independent_decode(tmp_path, media, decoder):
-    """Without resizing, clip pixels equal PyAV's own decode of the source file at those indices."""
+    """Without resizing, clip pixels equal a plain decode of the source file at those indices,
+    converted as the docs state (libavfilter `scale=flags=bilinear+accurate_rnd+bitexact`, RGB24)."""
     import av
+    import av.filter
     data, files = media
+
+    def rgb(frame):
+        graph = av.filter.Graph()
+        graph.link_nodes(graph.add_buffer(template=stream), graph.add("scale", "flags=bilinear+accurate_rnd+bitexact"),
+                         graph.add("format", "rgb24"), graph.add("buffersink")).configure()
+        graph.push(frame)
+        return graph.pull().to_ndarray()
+
     url = write_tar(tmp_path / "s.tar", [("v", {"mp4": data["mp4"]})])
     with av.open(str(files["mp4"])) as c:
-        reference = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+        stream = c.streams.video[0]
+        reference = np.stack([rgb(f) for f in c.decode(stream)])
     clips, errors = run(url, decoder, stride=2, clips="all")
     assert not errors and len(clips) == 1  # 30 frames, span 17: one non-overlapping clip
     assert clips[0].clip.frame_indices == list(range(0, 18, 2))
@@ -119,10 +130,11 @@ def test_frames_equal_an_independent_decode(tmp_path, media, decoder):
     assert np.abs(reference[3].astype(int) - pattern(3, H, W)).mean() < 8  # lossy H.264, crf 18
 
 
-@pytest.mark.parametrize("size", [(32, 48), (48, 48), (128, 160), (24, 96)])
+@pytest.mark.parametrize("size", [(32, 48), (48, 48), (128, 160), (24, 96), (H, W)])
 def test_decord_and_pyav_give_the_same_pixels(tmp_path, media, size):
     """One resize definition (libswscale bilinear + RGB24 in one pass, then crop): bit-identical
-    pixels from both decoders, downscaling, upscaling, with crops; every clip of a long video."""
+    pixels from both decoders, downscaling, upscaling, with crops, at the stored size; every clip
+    of a long video."""
     data, _ = media
     url = write_tar(tmp_path / "s.tar", [("v", {"mp4": data["long"]})])
     by_decoder = {d: run(url, d, size=size, clips="all")[0] for d in DECODERS}
@@ -302,11 +314,17 @@ def test_streaming_a_200mb_member_stays_small(tmp_path, media):
     assert rss_growth < 64 << 20, f"RSS grew by {rss_growth >> 20} MiB for a 200 MiB member"
 
 
-ROTATED_DIGEST = """
+DIGEST = """
 import hashlib, sys
 from encoder_service import options
 from encoder_service.ingest.clips import IngestConfig, IngestedClip, ingest_shard
 from encoder_service.ingest.sampling import SamplingConfig
+
+def simd_off():
+    # FFmpeg's own switch (ffmpeg -cpuflags 0): plain C code, as on a CPU without the SIMD paths
+    import av, ctypes, ctypes.util, glob, os
+    bundled = glob.glob(os.path.join(os.path.dirname(av.__file__), os.pardir, "av.libs", "libavutil*.so*"))
+    ctypes.CDLL(bundled[0] if bundled else ctypes.util.find_library("avutil")).av_force_cpu_flags(0)
 
 def digest(url, threads):
     cfg = IngestConfig(SamplingConfig(num_frames=9, size=(40, 24), clips=options.clip_mode("all")), "pyav",
@@ -315,26 +333,32 @@ def digest(url, threads):
     return hashlib.sha256(b"".join(i.frames.tobytes() for i in items)).hexdigest() + f" {len(items)}"
 
 if __name__ == "__main__":
+    if sys.argv[3] == "simd-off":
+        simd_off()
     print(digest(sys.argv[1], int(sys.argv[2])))
 """
 
 
-def test_rotated_streams_decode_to_the_same_bytes_in_any_process_state(tmp_path):
-    """Rotated streams of several sizes (odd strides after the rotation) decoded in fresh
-    interpreters with one and four threads, and in this process after other decoding and torch
-    work: the same bytes each time (a redone shard must be byte-identical)."""
+def test_streams_decode_to_the_same_bytes_on_any_cpu_and_in_any_process_state(tmp_path):
+    """Rotated and upright streams, scaled and kept at their stored size (odd strides after the
+    rotation), decoded in fresh interpreters with one and four threads and with FFmpeg's SIMD off
+    (another CPU), and in this process after other decoding and torch work: the same bytes each
+    time (a redone shard must be byte-identical on any node). With plain `bilinear` the frames kept
+    at their size came out 2-3 levels apart with SIMD off."""
     import subprocess
     import sys
 
     import torch
-    samples = [(f"v{i}", {"mp4": write_video(tmp_path / f"p{i}.mp4", frames=20, h=48 + 8 * i, w=64 + 8 * i,
-                                             rotation=rot).read_bytes()})
-               for i, rot in enumerate([90, 270, 180, 90, 0])]
+    stored = [(48 + 8 * i, 64 + 8 * i, rot) for i, rot in enumerate([90, 270, 180, 90, 0])]
+    stored += [(24, 40, 90), (40, 24, 0), (40, 24, 180)]  # displayed 40x24: no scaling
+    samples = [(f"v{i}", {"mp4": write_video(tmp_path / f"p{i}.mp4", frames=20, h=h, w=w,
+                                             rotation=rot).read_bytes()}) for i, (h, w, rot) in enumerate(stored)]
     url = str(write_tar(tmp_path / "s.tar", samples))
-    fresh = {subprocess.run([sys.executable, "-c", ROTATED_DIGEST, url, str(threads)], capture_output=True,
-                            text=True, check=True).stdout.strip() for threads in (1, 4)}
+    fresh = {subprocess.run([sys.executable, "-c", DIGEST, url, str(threads), simd], capture_output=True,
+                            text=True, check=True).stdout.strip()
+             for threads, simd in ((1, "simd-on"), (4, "simd-on"), (1, "simd-off"))}
     torch.randn(256, 256) @ torch.randn(256, 256)
     run(url, size=(56, 40), clips=options.clip_mode("all"))  # other sizes first, in this process
-    here = {"__name__": "rotated_digest"}
-    exec(ROTATED_DIGEST, here)  # (not __main__: defines digest only)
+    here = {"__name__": "digest"}
+    exec(DIGEST, here)  # (not __main__: defines digest only)
     assert len(fresh) == 1 and fresh == {here["digest"](url, 2)}, fresh

@@ -171,8 +171,16 @@ class _Assembler:
                              "truncated)", "truncated_video")
 
 
+# libswscale's flags, one definition for every conversion we make (recorded in the folder's settings).
+# `accurate_rnd` keeps a frame that needs no scaling off swscale's special YUV->RGB converter, whose
+# output depends on the CPU's SIMD (2-3 levels apart between machines, measured) and which
+# interpolates chroma differently from the scaling path; `bitexact` asks every SIMD path for the C
+# reference's bytes. Scaled frames come out as with plain `bilinear` (measured: identical).
+SWS_FLAGS = "bilinear+accurate_rnd+bitexact"
+
+
 class _Scaler:
-    """libavfilter `scale=W:H:flags=bilinear` + RGB24, rebuilt if the stream changes size."""
+    """libavfilter `scale=W:H:flags=SWS_FLAGS` + RGB24, rebuilt if the stream changes size."""
 
     def __init__(self, scaled_hw: tuple[int, int]):
         self.scaled_hw, self.graph, self.source = scaled_hw, None, None
@@ -185,7 +193,7 @@ class _Scaler:
             graph.threads = 1
             nodes = [graph.add_buffer(width=frame.width, height=frame.height, format=frame.format,
                                       time_base=frame.time_base),
-                     graph.add("scale", f"{self.scaled_hw[1]}:{self.scaled_hw[0]}:flags=bilinear"),
+                     graph.add("scale", f"{self.scaled_hw[1]}:{self.scaled_hw[0]}:flags={SWS_FLAGS}"),
                      graph.add("format", "rgb24"), graph.add("buffersink")]
             graph.link_nodes(*nodes).configure()
             self.graph, self.source = graph, source
@@ -236,11 +244,12 @@ def _indexed_frames(container, stream, info: VideoInfo, first: int):
 
 
 class DecordDecoder:
-    """decord with its in-decoder resize (the same swscale bilinear + RGB24 as the PyAV path).
-    Two decord 0.6.0 defects are routed to the PyAV path, which gives decord's pixels bit for bit:
-    streams with a display rotation (decord garbles them: wrong sizes and pixels, measured), and
-    scaled widths whose padded row length is a multiple of the width (e.g. 48 pixels: decord then
-    reads the padding as pixels and fails with "DECORDArrayCopyFromTo: The size must exactly
+    """decord with its in-decoder resize (swscale bilinear + RGB24: the PyAV path's pixels bit for
+    bit whenever the frame is scaled). The rest goes to the PyAV path: frames kept at their stored
+    size (decord's fixed flags take swscale's CPU-dependent converter there, see SWS_FLAGS),
+    streams with a display rotation (decord 0.6.0 garbles them: wrong sizes and pixels, measured),
+    and scaled widths whose padded row length is a multiple of the width (e.g. 48 pixels: decord
+    then reads the padding as pixels and fails with "DECORDArrayCopyFromTo: The size must exactly
     match"). decord rescales a stream that changes size to the header size internally; only the
     PyAV path sees (and limits) the decoded frames' real size."""
     name = "decord"
@@ -249,7 +258,7 @@ class DecordDecoder:
         self.threads = threads
 
     def clips(self, path, info, plans, geometry, max_pixels):
-        if geometry.rotation:
+        if geometry.rotation or geometry.scaled_hw == (info.height, info.width):
             yield from PyAVDecoder(self.threads).clips(path, info, plans, geometry, max_pixels)
             return
         import decord

@@ -1,8 +1,8 @@
 """How a source frame becomes a clip frame; one definition for both decoders.
 
 1. Scale the frame as stored, with libswscale's bilinear filter (area-aware when downscaling) and
-   the conversion to RGB24 in the same pass: the libavfilter `scale=W:H:flags=bilinear` filter.
-   That is exactly what decord does internally, so decord and PyAV give the same pixels.
+   the conversion to RGB24 in the same pass: the libavfilter `scale=W:H:flags=...` filter with
+   decoders.SWS_FLAGS, the same bytes on any CPU. Both decoders give the same pixels.
 2. Rotate to the displayed orientation (the container's display matrix).
 3. Centre-crop to the clip size.
 The scale covers the clip size keeping the displayed aspect ratio.

@@ -11,10 +11,11 @@ from pathlib import Path
 import yaml
 
 from encoder_service import options
+from encoder_service.ingest.decoders import SWS_FLAGS
 from encoder_service.ingest.sampling import SamplingConfig
 from encoder_service.storage import StorageOptions, scrub
 
-PIPELINE_VERSION = "0.2.0"
+PIPELINE_VERSION = "0.3.0"
 
 
 def _number(kind, lo=None, hi=None, what="value"):
@@ -179,7 +180,7 @@ class JobConfig:
                 **({"spans_field": self.spans_field, "captions_field": self.captions_field}
                    if self.clips_per_video.kind == "spans" else {}),
                 "seed": self.seed, "min_duration": self.min_duration, "max_pixels": self.max_pixels,
-                "decoder": self.decoder, "precision": self.precision.label,
+                "decoder": self.decoder, "pixels": f"swscale {SWS_FLAGS} rgb24", "precision": self.precision.label,
                 "store_logvar": self.store_logvar,
                 **({"text_encoder": {"sha256": text_sha256, "max_length": self.text_max_length,
                                      "precision": self.text_precision}} if self.text_encoder else {})}
