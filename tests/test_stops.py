@@ -94,6 +94,8 @@ def test_a_signal_stops_cleanly_and_the_rerun_completes_the_folder(inputs, tmp_p
     assert run.returncode == 128 + sig, stderr[-3000:]  # 143, 130
     assert seconds < 45  # the 30 s grace, and Ray stopping
     assert f"[stop] {sig.name}" in stderr and f"stopped by {sig.name}" in stderr and "Traceback" not in stderr
+    # ours only: no Ray line (its core worker's false alarm about actor arguments is filtered out)
+    assert all(line.startswith(("[stop] ", "encode_dataset.py: ")) for line in stderr.splitlines() if line), stderr
     record = json.loads(next((out / "_runs").iterdir()).read_text())
     done = record["shards_done"]
     assert record["interrupted"] is True and done == len(shard_ids(out)) >= 1
@@ -106,6 +108,32 @@ def test_a_signal_stops_cleanly_and_the_rerun_completes_the_folder(inputs, tmp_p
     summary = run_job(load_config(["--input", inputs, "--output", str(out), *ARGS, "--progress-every-s", "1000"]))
     assert summary["shards_done"] == SHARDS - done and summary["shards_skipped"] == done
     assert files(out) == files(clean)
+
+
+CONSOLE = """
+import os, sys
+from encoder_service.job.console import FALSE_ALARMS, without_false_alarms
+with without_false_alarms():
+    print("[plan] ours, from Python", file=sys.stderr, flush=True)
+    os.write(2, f"[2026-12-08 E 1 1] core_worker.cc:2465: Actor 'MapWorker' {FALSE_ALARMS[0]}. See #53727\\n".encode())
+    os.write(2, b"[encode] a progress redraw\\r(MapWorker pid=1) an actor's own error line\\n")
+    if sys.argv[1] == "os._exit":
+        os.write(2, b"[stop] last words")
+        os._exit(143)
+print("after: the console as it was", file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize("end", ["return", "os._exit"])
+def test_the_console_drops_rays_false_alarm_and_keeps_every_other_byte(end):
+    """The driver's stderr through the filter (job/console.py): Ray's known false alarm is gone, every
+    other byte arrives in order, Python's and C's alike, also what was written just before os._exit."""
+    proc = subprocess.run([sys.executable, "-c", CONSOLE, end], capture_output=True, cwd=ROOT, timeout=60)
+    kept = b"[plan] ours, from Python\n[encode] a progress redraw\r(MapWorker pid=1) an actor's own error line\n"
+    if end == "os._exit":
+        assert proc.returncode == 143 and proc.stderr == kept + b"[stop] last words", proc.stderr
+    else:
+        assert proc.returncode == 0 and proc.stderr == kept + b"after: the console as it was\n", proc.stderr
 
 
 @pytest.mark.parametrize("sig, delay_s", [(signal.SIGTERM, 0.0), (signal.SIGINT, 1.5)],

@@ -26,6 +26,7 @@ from encoder_service.ingest.stage import ingest_shards
 from encoder_service.ingest.units import MAX_UNIT_FRAME_BYTES, UnitPlan
 from encoder_service.job import faults
 from encoder_service.job.config import JobConfig, to_json
+from encoder_service.job.console import without_false_alarms
 from encoder_service.job.driver import Driver, Totals
 from encoder_service.job.plan import JobError, Plan, prepare
 from encoder_service.job.progress import Progress, planning_heartbeat
@@ -84,6 +85,7 @@ def run_job(cfg: JobConfig) -> dict:
     started = time.time()  # the job's start: clips/s are end to end, start-up included
     plan, outcome, logging_config, started_ray = None, "failed", None, False
     stop = StopSignals(cfg.stop_grace_s, at_once=lambda: plan is not None and plan.lease.release())
+    console = contextlib.ExitStack()
     try:
         with stop:
             with stop.waiting(), sigterm_from_ray():  # start-up: a signal stops here, before any work
@@ -94,6 +96,7 @@ def run_job(cfg: JobConfig) -> dict:
                     started_ray = True  # (set first: a signal inside ray.init still shuts down what it began)
                     ray.init(address=cfg.ray_address, ignore_reinit_error=True, log_to_driver=True,
                              logging_level="ERROR")
+                console.enter_context(without_false_alarms())
                 logging_config = _quiet_ray_data_console()
                 stop.install()  # ray.init installs a SIGTERM handler of its own: ours again for the run
             stop.check()    # a signal some library swallowed during start-up still stops the run
@@ -112,6 +115,7 @@ def run_job(cfg: JobConfig) -> dict:
             time.sleep(0 if outcome == "interrupted" or plan is None else cfg.metrics_linger_s)
         if started_ray:
             ray.shutdown()
+        console.close()
 
 
 @contextlib.contextmanager
