@@ -99,6 +99,7 @@ def test_latents_equal_a_direct_encode(clean_run, shards):
         got = decode_tensor(rows[key]["mean"], rows[key]["latent_shape"], rows[key]["latent_dtype"])
         assert torch.allclose(got, vae.encode(x).mean[0], atol=1e-5), key
         assert rows[key]["frame_indices"] == item.clip.frame_indices and rows[key]["vae_sha256"]
+        assert rows[key]["vae_name"] == "golden-small"  # the checkpoint's folder, not the path as typed
     assert len(list(LatentShardDataset(str(out), shuffle=False))) == 21
 
 

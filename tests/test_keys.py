@@ -32,7 +32,7 @@ def test_meta_build_matches_manifest(preset):
 @pytest.mark.parametrize("preset", ["wfvae-l-16chn", "wfvae-s-8chn"])
 def test_released_config_json_reads_to_preset(preset):
     cfg = WFVAEConfig.from_json(DATA / f"{preset}.config.json")
-    assert {**cfg.to_dict(), "name": preset} == {**WFVAEConfig.preset(preset).to_dict(), "name": preset}
+    assert cfg == WFVAEConfig.preset(preset)  # named by the preset too (the rows' vae_name), not by the path
     # the L example ships 4 equal scale entries for 16 channels: expanded, not refused
     assert len(cfg.scale) == cfg.latent_dim and set(cfg.scale) == {0.18215}
 

@@ -88,8 +88,12 @@ class WFVAEConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> "WFVAEConfig":
+        """Named as a reader would call it: the preset it equals (a released model's config.json),
+        else the checkpoint folder's name -- never the path as typed."""
         path = Path(path)
-        return cls.from_dict(json.loads(path.read_text()), name=str(path))
+        config = cls.from_dict(json.loads(path.read_text()), name=str(path))  # (messages name the file)
+        same = [name for name, preset in PRESETS.items() if dataclasses.replace(preset, name=config.name) == config]
+        return dataclasses.replace(config, name=same[0] if same else path.resolve().parent.name)
 
     def to_dict(self) -> dict:
         """The released config.json form (what from_dict reads back)."""
