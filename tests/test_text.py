@@ -83,6 +83,8 @@ def test_a_job_stores_each_rows_caption_embedding_and_refuses_another_encoder(t5
             "--precision", "fp32", "--progress-every-s", "1000", "--metrics-linger-s", "0", "--text-encoder", str(t5)]
     record = run_job(load_config(args))
     assert record["latents"] == 4 and record["captions_missing"] == 1 and record["text_seconds_per_clip"] > 0
+    from encoder_service.job.dryrun import dry_run  # the dry run builds the actor's encoder, text encoder included
+    assert dry_run(load_config([*args, "--dry-run", "4"]))["encode_clips_per_s_per_device"] > 0
     rows = {r["source_key"]: r for r in latent_rows(tmp_path / "out")}
     refs = dict(zip(["a test card", "the red dog runs"], reference(t5, ["a test card", "the red dog runs"])))
     for i, caption in enumerate(captions):

@@ -15,22 +15,20 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from encoder_service.encode.engine import LatentEncoder
-from encoder_service.encode.qa import QualityCheck
-from encoder_service.encode.unit_encoder import UNITS_IN_FLIGHT, UnitEncoder
+from encoder_service.encode.unit_encoder import UNITS_IN_FLIGHT
 from encoder_service.ingest.clips import IngestConfig, IngestedClip, ingest_shard
 from encoder_service.ingest.inputs import expand_inputs
 from encoder_service.ingest.units import UnitBuilder, UnitPlan
 from encoder_service.job.config import JobConfig
 from encoder_service.job.plan import JobError, model_identity
+from encoder_service.job.stages import EncoderSpec, build_unit_encoder
 from encoder_service.table.folder import OutputFolder
-from encoder_service.table.writer import UnitWriter
 
 
 def dry_run(cfg: JobConfig) -> dict:
     storage = cfg.storage()
     urls = expand_inputs(cfg.input, storage)
-    model, _, _ = model_identity(cfg)
+    model, _, run_meta = model_identity(cfg)
     ingest = IngestConfig(cfg.sampling(), cfg.decoder, storage, threads=max(1, round(cfg.ingest_cpus)))
     clips, errors, whole_shards, whole_clips = [], 0, 0, 0
     start, cpu = time.perf_counter(), time.process_time()
@@ -49,46 +47,47 @@ def dry_run(cfg: JobConfig) -> dict:
     decode_s, decode_cpu_s = time.perf_counter() - start, time.process_time() - cpu
     if not clips:
         raise JobError(f"dry run: no usable clip in the input ({errors} ledger rows)")
-    encode_s, encode_cpu_s = _encode(cfg, clips)
+    encode_s, encode_cpu_s = _encode(EncoderSpec(cfg, run_meta), clips)
     out = report(cfg, urls, clips, decode_s, encode_s, whole_shards, whole_clips, model)
     out.update(here(cfg, len(clips), out, decode_cpu_s + encode_cpu_s))
     return out
 
 
-def _encode(cfg: JobConfig, clips: list[IngestedClip]) -> tuple[float, float]:
+def _encode(spec: EncoderSpec, clips: list[IngestedClip]) -> tuple[float, float]:
     """Seconds to encode the clips as the encoder actor does: units per shard, UNITS_IN_FLIGHT of them
-    at once through UnitEncoder (model calls one at a time, the rest beside them, the QA sample
-    included), on a CPU encoder with the actor's --encoder-cpus threads: (wall, process CPU) seconds."""
-    on_gpu, threads = _on_gpu(cfg), torch.get_num_threads()
+    at once through the actor's own UnitEncoder (model calls one at a time, the rest beside them, the
+    QA sample and text embeddings included), on a CPU encoder with the actor's --encoder-cpus
+    threads: (wall, process CPU) seconds."""
+    on_gpu, threads = _on_gpu(spec.config), torch.get_num_threads()
     if not on_gpu:
-        torch.set_num_threads(max(1, round(cfg.encoder_cpus)))
+        torch.set_num_threads(max(1, round(spec.config.encoder_cpus)))
     try:
-        return _encode_units(cfg, clips, on_gpu)
+        return _encode_units(spec, clips, "cuda" if on_gpu else "cpu")
     finally:
         torch.set_num_threads(threads)
 
 
-def _encode_units(cfg: JobConfig, clips: list[IngestedClip], on_gpu: bool) -> tuple[float, float]:
-    device = "cuda" if on_gpu else "cpu"
-    encoder = LatentEncoder.load(cfg.checkpoint, cfg.model_config, cfg.precision, device, cfg.chunk_frames,
-                                 cuda_graphs=cfg.cuda_graphs, compile=cfg.compile)
-    qa = QualityCheck(cfg.checkpoint, cfg.model_config, device, cfg.chunk_frames) if cfg.qa_fraction else None
-    plan, builders, units = UnitPlan.for_job(cfg, encoder.config.latent_dim), {}, []
+def _encode_units(spec: EncoderSpec, clips: list[IngestedClip], device: str) -> tuple[float, float]:
+    cfg = spec.config
+    with tempfile.TemporaryDirectory(prefix="wfvae-dry-run-") as folder:
+        coder = build_unit_encoder(spec, device, OutputFolder(folder))
+        units, frames = _units(cfg, clips, coder.encoder.config.latent_dim)
+        coder.encoder.encode(frames[0][:cfg.batch_size])  # warm-up, in the shape the timed calls have
+        start, cpu = time.perf_counter(), time.process_time()
+        with ThreadPoolExecutor(UNITS_IN_FLIGHT) as pool:
+            list(pool.map(coder.encode, units, frames))
+        return time.perf_counter() - start, time.process_time() - cpu
+
+
+def _units(cfg: JobConfig, clips: list[IngestedClip], latent_dim: int) -> tuple[list, list[np.ndarray]]:
+    """The clips as the ingest stage groups them: units per shard, each with its frames array."""
+    plan, builders, units = UnitPlan.for_job(cfg, latent_dim), {}, []
     for item in clips:
         shard = item.clip.key.split("/")[0]
         builder = builders.setdefault(shard, UnitBuilder(shard, plan))
         units += [row.unit for row in builder.add(item.clip, item.frames)]
     units += [row.unit for b in builders.values() for row in b.flush()]
-    frames = [np.frombuffer(u.frames, np.uint8).reshape(len(u.clips), *u.shape) for u in units]
-    encoder.encode(frames[0][:cfg.batch_size])  # warm-up, in the shape the timed calls have
-    _, _, run_meta = model_identity(cfg)
-    with tempfile.TemporaryDirectory(prefix="wfvae-dry-run-") as folder:
-        coder = UnitEncoder(encoder, UnitWriter(OutputFolder(folder), run_meta), run_meta, cfg.batch_size,
-                            cfg.store_logvar, qa, cfg.seed, cfg.qa_fraction)
-        start, cpu = time.perf_counter(), time.process_time()
-        with ThreadPoolExecutor(UNITS_IN_FLIGHT) as pool:
-            list(pool.map(coder.encode, units, frames))
-        return time.perf_counter() - start, time.process_time() - cpu
+    return units, [np.frombuffer(u.frames, np.uint8).reshape(len(u.clips), *u.shape) for u in units]
 
 
 def here(cfg: JobConfig, n: int, out: dict, cpu_s: float) -> dict:

@@ -73,32 +73,38 @@ def checkpoint_state(spec: EncoderSpec) -> tuple[str, dict]:
     return str(weights), read_state_dict(weights)
 
 
+def build_unit_encoder(spec: EncoderSpec, device: str, folder: OutputFolder) -> UnitEncoder:
+    """What an encoder actor puts each unit through: the model, the QA model, the text encoder and
+    the writer into `folder`, from one read of the checkpoint (the model and QA share it). The dry
+    run times this same one."""
+    cfg, meta = spec.config, spec.run_meta
+    _, state = checkpoint_state(spec)
+    encoder = LatentEncoder.load(cfg.checkpoint, cfg.model_config, cfg.precision, device, cfg.chunk_frames,
+                                 compile=cfg.compile, state=state, sha256=meta.vae_sha256, cuda_graphs=cfg.cuda_graphs)
+    qa = QualityCheck(cfg.checkpoint, cfg.model_config, device, cfg.chunk_frames, state,
+                      meta.vae_sha256) if cfg.qa_fraction else None
+    del state
+    text = None
+    if cfg.text_encoder:
+        from encoder_service.text.encoder import TextEncoder
+        text = TextEncoder(cfg.text_encoder, cfg.text_precision, device, cfg.text_max_length)
+    return UnitEncoder(encoder, UnitWriter(folder, meta), meta, cfg.batch_size, cfg.store_logvar, qa, cfg.seed,
+                       cfg.qa_fraction, text)
+
+
 class EncodeUnits:
     """map_batches UDF for the actor pool (batch_size=1: one unit per call). Ray runs up to
     UNITS_IN_FLIGHT calls of one actor at once, each in its own thread: encode/unit_encoder.py keeps
     the model calls one at a time and everything else beside them."""
 
     def __init__(self, spec: EncoderSpec, registry):
-        cfg, meta = spec.config, spec.run_meta
+        cfg = spec.config
         device = resolve_device(cfg.device)
         if device == "cpu":
             torch.set_num_threads(max(1, round(cfg.encoder_cpus)))
         self.spec, self.registry = spec, registry
-        weights, state = checkpoint_state(spec)  # read and hashed once: the production model and QA share them
-        encoder = LatentEncoder.load(cfg.checkpoint, cfg.model_config, cfg.precision, device, cfg.chunk_frames,
-                                     compile=cfg.compile, state=state, sha256=meta.vae_sha256,
-                                     cuda_graphs=cfg.cuda_graphs)
-        qa = QualityCheck(cfg.checkpoint, cfg.model_config, device, cfg.chunk_frames, state,
-                          meta.vae_sha256) if cfg.qa_fraction else None
-        del state
-        text = None
-        if cfg.text_encoder:
-            from encoder_service.text.encoder import TextEncoder
-            text = TextEncoder(cfg.text_encoder, cfg.text_precision, device, cfg.text_max_length)
-        writer = UnitWriter(OutputFolder(cfg.output, cfg.storage()), meta)
-        self.units = UnitEncoder(encoder, writer, meta, cfg.batch_size, cfg.store_logvar, qa, cfg.seed,
-                                 cfg.qa_fraction, text)
-        metrics.sample_device_utilization(encoder.device)
+        self.units = build_unit_encoder(spec, device, OutputFolder(cfg.output, cfg.storage()))
+        metrics.sample_device_utilization(self.units.encoder.device)
         self.injection = faults.Injection.from_env()
         if self.injection:
             self.units.before_write = lambda u: self.injection.before_write(f"{u.shard_id}/{u.index}", registry)
