@@ -2,7 +2,7 @@
 run record says interrupted, the lease released, nothing of ours left in $TMPDIR or staging) and
 the rerun completes the folder byte for byte as a clean run; a second signal stops at once; a
 hanging input store fails its shards within the bound; --num-gpus that no GPU can satisfy is one
-line in seconds."""
+line in seconds; the console shows our lines only (Ray's false alarm filtered, every other byte kept)."""
 import json
 import os
 import signal
