@@ -238,7 +238,7 @@ class RunRecord:
     clips_per_s: float                    # latents / seconds
     clips_per_s_encoding: float | None    # from the first model call of any unit
     startup_seconds: float | None         # the job's start to the first model call
-    encoder_busy_fraction: float | None   # device seconds / (actors x seconds since the first result)
+    encoder_busy_fraction: float | None   # device seconds / (actors x seconds since the first model call)
     compile_seconds: float
     text_seconds_per_clip: float | None
     captions_missing: int

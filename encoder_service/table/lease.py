@@ -150,7 +150,7 @@ class Lease:
         raise LeaseError(f"--output {folder.root}: other runs keep taking the folder's lease; try again")
 
     def path(self, generation: int) -> str:
-        return self.folder.path(layout.LEASE, f"{generation:012d}.json")
+        return _path(self.folder, generation)
 
     def _record(self, released: bool = False) -> bytes:
         return LeaseRecord(self.holder, time.time(), self.ttl_s, released, self.generation).to_json()
@@ -217,8 +217,12 @@ def _generations(folder) -> list[int]:
     return sorted(found)
 
 
+def _path(folder, generation: int) -> str:
+    return folder.path(layout.LEASE, f"{generation:012d}.json")
+
+
 def _read(folder, generation: int) -> LeaseRecord:
-    path = folder.path(layout.LEASE, f"{generation:012d}.json")
+    path = _path(folder, generation)
     try:
         return LeaseRecord.from_json(retry(lambda: folder.fs.cat_file(path)), generation)
     except FileNotFoundError:  # released and cleaned between the listing and the read: free
